@@ -1,0 +1,3 @@
+"""ImageBridge: exchange medical images and reports between hospitals."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from imagebridge.cli import main
+
+main()

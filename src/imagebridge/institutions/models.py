@@ -1,0 +1,40 @@
+"""The directory: institutions, their gateways and routing AE titles."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from imagebridge.db import Base, UTCDateTime, utcnow
+
+
+class Institution(Base):
+    __tablename__ = "institutions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(16), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Picking this AE title in a PACS send list routes a study here (routine)...
+    routing_ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    # ...and this one, if set, routes it as urgent.
+    urgent_ae_title: Mapped[str | None] = mapped_column(String(16), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    gateways: Mapped[list[Gateway]] = relationship(back_populates="institution")
+
+
+class Gateway(Base):
+    __tablename__ = "gateways"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    # SHA-256 of the secret token; the token itself is shown once, at issue.
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    institution: Mapped[Institution] = relationship(back_populates="gateways")

@@ -1,0 +1,140 @@
+"""The settings objects: one per process, read from a TOML file and the environment.
+
+Environment variables win over the file; the hub's start with ``IMAGEBRIDGE_HUB_``
+and the gateway's with ``IMAGEBRIDGE_GATEWAY_`` (nested fields use ``__``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _ae_title(value: str) -> str:
+    value = value.strip()
+    if not 0 < len(value) <= 16 or "\\" in value or not value.isascii():
+        raise ValueError("an AE title is 1 to 16 ASCII characters without backslash")
+    return value
+
+
+class _TomlSettings(BaseSettings):
+    """Base for settings read from ``--config FILE`` and then overridden by the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Any:
+        values: dict[str, Any] = {}
+        if path is not None:
+            with open(path, "rb") as fh:
+                values = tomllib.load(fh)
+            base = path.resolve().parent
+            # Relative paths in a config file are relative to that file.
+            for key in ("data_dir",):
+                if key in values and not Path(values[key]).is_absolute():
+                    values[key] = str(base / values[key])
+        values.update(overrides)
+        return cls(**values)
+
+
+class HubSettings(_TomlSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_HUB_", env_nested_delimiter="__")
+
+    data_dir: Path = Field(Path("hub-data"), description="Folder for the database, blobs, secrets")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite in data_dir")
+    blob_dir: Path | None = Field(None, description="Local blob store; default data_dir/blobs")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_token: str = Field(
+        "", description="Network administrator API token; default: generated into data_dir"
+    )
+    inbox_wait_seconds: float = Field(20.0, description="Longest a gateway's inbox poll waits")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'hub.db'}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+
+class PacsNode(BaseModel):
+    """A local DICOM node the gateway delivers into."""
+
+    name: str = "pacs"
+    ae_title: str
+    host: str
+    port: int
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class CallingNode(BaseModel):
+    """A local DICOM node allowed to open associations with the gateway."""
+
+    ae_title: str
+    host: str | None = Field(None, description="If set, only from this address")
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class Reconciliation(BaseModel):
+    """How a receiving gateway turns a foreign patient identity into a local one."""
+
+    issuer_of_patient_id: str = Field("", description="This institution's issuer; default code")
+    nhs_number_issuer: str = Field("NHS", description="Issuer naming the NHS number")
+    nhs_number_tag: str = Field(
+        "", description="Optional tag holding the NHS number, e.g. '0010,1000'; default: "
+        "OtherPatientIDsSequence item with the NHS issuer"
+    )
+    unmatched_format: str = Field("EXT-{sender}-{patient_id}", description="PatientID if no MRN")
+    accession_prefix: str = Field("{sender}-", description="Prefix for AccessionNumber")
+    mrn_map: dict[str, str] = Field(
+        default_factory=dict, description="NHS number -> local MRN (until the patient index)"
+    )
+
+
+class GatewaySettings(_TomlSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEBRIDGE_GATEWAY_", env_nested_delimiter="__"
+    )
+
+    data_dir: Path = Field(Path("gateway-data"), description="The spool and the gateway's state")
+    hub_url: str = "http://127.0.0.1:8080"
+    token: str = Field("", description="The gateway's secret token issued by the hub")
+    ae_title: str = Field("IB_GATEWAY", description="The gateway's own AE title")
+    host: str = Field("127.0.0.1", description="Address the DICOM SCP listens on")
+    port: int = 11112
+    calling_aes: list[CallingNode] = Field(
+        default_factory=list, description="Local nodes allowed to send; empty refuses all"
+    )
+    pacs: list[PacsNode] = Field(default_factory=list, description="Where inbound studies go")
+    reconciliation: Reconciliation = Field(default_factory=Reconciliation)
+    max_pdu: int = Field(1_048_576, description="Largest PDU the SCP accepts")
+    upload_batch_instances: int = 32
+    upload_batch_bytes: int = 32 * 1024 * 1024
+    study_stable_seconds: float = Field(
+        2.0, description="Quiet time after an association before a study's transfer is closed"
+    )
+    retry_initial_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    spool_min_free_bytes: int = Field(256 * 1024 * 1024, description="Refuse C-STORE below this")
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+Priority = Literal["urgent", "routine"]
