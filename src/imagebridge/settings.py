@@ -98,8 +98,9 @@ class Reconciliation(BaseModel):
     issuer_of_patient_id: str = Field("", description="This institution's issuer; default code")
     nhs_number_issuer: str = Field("NHS", description="Issuer naming the NHS number")
     nhs_number_tag: str = Field(
-        "", description="Optional tag holding the NHS number, e.g. '0010,1000'; default: "
-        "OtherPatientIDsSequence item with the NHS issuer"
+        "",
+        description="Optional tag holding the NHS number, e.g. '0010,1000'; default: "
+        "OtherPatientIDsSequence item with the NHS issuer",
     )
     unmatched_format: str = Field("EXT-{sender}-{patient_id}", description="PatientID if no MRN")
     accession_prefix: str = Field("{sender}-", description="Prefix for AccessionNumber")
@@ -109,9 +110,7 @@ class Reconciliation(BaseModel):
 
 
 class GatewaySettings(_TomlSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="IMAGEBRIDGE_GATEWAY_", env_nested_delimiter="__"
-    )
+    model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_GATEWAY_", env_nested_delimiter="__")
 
     data_dir: Path = Field(Path("gateway-data"), description="The spool and the gateway's state")
     hub_url: str = "http://127.0.0.1:8080"

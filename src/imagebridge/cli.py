@@ -1,0 +1,156 @@
+"""The `imagebridge` command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from imagebridge import __version__
+from imagebridge.settings import GatewaySettings, HubSettings
+
+CONFIG = click.option(
+    "--config",
+    "config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML settings file; environment variables override it.",
+)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom logs dataset contents at debug level: keep patient data out of the log.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """ImageBridge: send studies and reports between hospitals through a hub."""
+
+
+@main.command()
+@CONFIG
+@click.option("--host", help="Listen address (overrides the settings).")
+@click.option("--port", type=int, help="Listen port (overrides the settings).")
+@click.option("-v", "--verbose", is_flag=True)
+def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) -> None:
+    """Run the hub: HTTP API, directory, index, blob store, transfers and audit."""
+    from imagebridge.hub.server import make_server
+
+    _logging(verbose)
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = HubSettings.load(config, **overrides)
+    server = make_server(settings)
+    click.echo(f"hub on http://{settings.host}:{settings.port} (API docs at /docs)", err=True)
+    server.run()
+
+
+@main.command()
+@CONFIG
+@click.option("-v", "--verbose", is_flag=True)
+def gateway(config: Path | None, verbose: bool) -> None:
+    """Run an institution's gateway: DICOM to the local PACS, HTTPS to the hub."""
+    from imagebridge.gateway.service import Gateway
+
+    _logging(verbose)
+    settings = GatewaySettings.load(config)
+    gw = Gateway(settings)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    gw.start()
+    stopped.wait()
+    gw.stop()
+
+
+@main.group()
+def directory() -> None:
+    """Manage the hub's directory directly in its database (run beside the hub)."""
+
+
+@directory.command("add-institution")
+@CONFIG
+@click.argument("code")
+@click.argument("name")
+@click.option("--routing-ae", help="Called AE title that routes here (default IB_<CODE>).")
+@click.option("--urgent-ae", help="Called AE title that routes here urgently.")
+def add_institution(
+    config: Path | None, code: str, name: str, routing_ae: str | None, urgent_ae: str | None
+) -> None:
+    """Add an institution with its routing AE titles."""
+    from imagebridge.audit.services import record
+    from imagebridge.hub.state import Hub
+    from imagebridge.institutions.services import DirectoryError, create_institution
+
+    hub = Hub.open(HubSettings.load(config))
+    with hub.sessions() as session, session.begin():
+        try:
+            i = create_institution(session, code, name, routing_ae, urgent_ae)
+        except DirectoryError as exc:
+            raise click.ClickException(str(exc)) from exc
+        record(
+            session,
+            "directory:institution:created",
+            actor_type="admin",
+            actor="cli",
+            institution_id=i.id,
+            detail={"code": code},
+        )
+        click.echo(f"{i.code}: routine AE {i.routing_ae_title}, urgent AE {i.urgent_ae_title}")
+
+
+@directory.command("add-gateway")
+@CONFIG
+@click.argument("code")
+@click.argument("name")
+def add_gateway(config: Path | None, code: str, name: str) -> None:
+    """Register a gateway for an institution and print its secret token (shown once)."""
+    from imagebridge.audit.services import record
+    from imagebridge.hub.state import Hub
+    from imagebridge.institutions.services import get_institution, issue_gateway
+
+    hub = Hub.open(HubSettings.load(config))
+    with hub.sessions() as session, session.begin():
+        institution = get_institution(session, code)
+        if institution is None:
+            raise click.ClickException(f"no institution {code}")
+        gw, token = issue_gateway(session, institution, name)
+        record(
+            session,
+            "directory:gateway:issued",
+            actor_type="admin",
+            actor="cli",
+            institution_id=institution.id,
+            detail={"gateway_id": gw.id},
+        )
+    click.echo(token)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for all the demo's data (default: a new one under ./demo-data).",
+)
+@click.option("--slices", default=300, show_default=True, help="Slices in the synthetic CT.")
+@click.option("--keep-running", is_flag=True, help="Keep the network up for exploration.")
+def demo(folder: Path | None, slices: int, keep_running: bool) -> None:
+    """Send a synthetic CT with its report from one hospital's PACS to another's."""
+    from imagebridge.demo.run import run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(run_demo(folder, slices=slices, keep_running=keep_running))

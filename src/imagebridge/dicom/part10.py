@@ -1,0 +1,220 @@
+"""DICOM Part 10 files as ImageBridge stores them.
+
+A received dataset is wrapped in a file meta group that depends only on the dataset, its
+SOP class/instance and transfer syntax: no sender AE, no timestamps. The same instance
+received twice therefore has the same bytes and the same SHA-256, and is stored once.
+The 128-byte preamble is always zeros, whatever a sender put there.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1428.1"
+IMPLEMENTATION_VERSION_NAME = "IMAGEBRIDGE1"
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _cs(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    body = b"".join(
+        (
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _ui(sop_class_uid)),
+            _element(0x0002, 0x0003, b"UI", _ui(sop_instance_uid)),
+            _element(0x0002, 0x0010, b"UI", _ui(transfer_syntax_uid)),
+            _element(0x0002, 0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0002, 0x0013, b"SH", _cs(IMPLEMENTATION_VERSION_NAME)),
+        )
+    )
+    return PREAMBLE + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+@dataclass(frozen=True)
+class Header:
+    """The attributes ImageBridge routes and indexes by, read from a dataset's header."""
+
+    dataset: Dataset
+    transfer_syntax_uid: str
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.dataset.get("SOPClassUID", ""))
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.get("SOPInstanceUID", ""))
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.dataset.get("StudyInstanceUID", ""))
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.dataset.get("SeriesInstanceUID", ""))
+
+    def text(self, keyword: str) -> str:
+        value = self.dataset.get(keyword, "")
+        return "" if value is None else str(value)
+
+
+class BadDataset(ValueError):
+    """A dataset ImageBridge refuses to store, with the reason in plain words."""
+
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None = None) -> Header:
+    """Parse everything before the pixel data, and check the identifying UIDs.
+
+    ``source`` is a Part 10 file, or a bare dataset if ``transfer_syntax_uid`` is given.
+    """
+    fp: BinaryIO
+    if isinstance(source, bytes):
+        fp = io.BytesIO(source)
+    elif isinstance(source, Path):
+        fp = open(source, "rb")  # noqa: SIM115 - closed below
+    else:
+        fp = source
+    try:
+        if transfer_syntax_uid is None:
+            ds = dcmread(fp, stop_before_pixels=True)
+            transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+        else:
+            ds = _read_bare(fp, transfer_syntax_uid)
+        for keyword in REQUIRED_UIDS:
+            # Touch each so that a truncated or corrupt element fails here, not later.
+            value = str(ds.get(keyword, "") or "").strip()
+            if not value:
+                raise BadDataset(f"missing {keyword}")
+            if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+                raise BadDataset(f"invalid {keyword}")
+        for elem in ds:
+            _ = elem.value
+        if not UID(transfer_syntax_uid).is_deflated:
+            _check_tail(fp, UID(transfer_syntax_uid))
+    except BadDataset:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadDataset(f"unreadable dataset: {type(exc).__name__}") from exc
+    except Exception as exc:  # pydicom raises many kinds on garbage; none may escape
+        raise BadDataset(f"unreadable dataset: {type(exc).__name__}") from exc
+    finally:
+        if isinstance(source, Path):
+            fp.close()
+    return Header(ds, transfer_syntax_uid)
+
+
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+
+def _check_tail(fp: BinaryIO, syntax: UID) -> None:
+    """Walk the elements after the header (pixel data and beyond) without reading values.
+
+    A dataset cut short, or with a length pointing past its end, is refused here, so that
+    no partial instance is ever acknowledged or stored.
+    """
+    start = fp.tell()
+    end = fp.seek(0, io.SEEK_END)
+    pos = fp.seek(start)
+    order = "<" if syntax.is_little_endian else ">"
+    while pos < end:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise BadDataset("dataset truncated")
+        vr = head[4:6]
+        # Like pydicom, tolerate an implicit-VR element inside an explicit-VR dataset.
+        if syntax.is_implicit_VR or not (vr.isalpha() and vr.isupper()):
+            (length,) = struct.unpack(order + "I", head[4:])
+            pos += 8
+        elif vr in _LONG_VRS:
+            extra = fp.read(4)
+            if len(extra) < 4:
+                raise BadDataset("dataset truncated")
+            (length,) = struct.unpack(order + "I", extra)
+            pos += 12
+        else:
+            (length,) = struct.unpack(order + "H", head[6:])
+            pos += 8
+        if length == _UNDEFINED:
+            pos = _skip_items(fp, pos, end, order)
+        else:
+            pos += length
+            if pos > end:
+                raise BadDataset("dataset truncated")
+        fp.seek(pos)
+
+
+def _skip_items(fp: BinaryIO, pos: int, end: int, order: str) -> int:
+    """Skip the defined-length items of an undefined-length value (encapsulated pixel data)."""
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise BadDataset("dataset truncated")
+        group, elem, length = struct.unpack(order + "HHI", head)
+        pos += 8
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos
+        if (group, elem) != (0xFFFE, 0xE000) or length == _UNDEFINED:
+            raise BadDataset("malformed item after the header")
+        pos += length
+        if pos > end:
+            raise BadDataset("dataset truncated")
+        fp.seek(pos)
+
+
+def _read_bare(fp: BinaryIO, transfer_syntax_uid: str) -> Dataset:
+    from pydicom.filereader import read_dataset
+
+    uid = UID(transfer_syntax_uid)
+    if uid.is_deflated:
+        import zlib
+
+        fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+    ds: Dataset = read_dataset(
+        fp,
+        is_implicit_VR=uid.is_implicit_VR,
+        is_little_endian=uid.is_little_endian,
+        stop_when=lambda tag, vr, length: tag == 0x7FE00010,
+    )
+    return ds

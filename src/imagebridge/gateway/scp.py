@@ -1,0 +1,252 @@
+"""The gateway's DICOM edge: C-ECHO and C-STORE from the local PACS and modalities.
+
+Handlers are thin: they check who is calling and where to, then hand the received bytes
+to the spool. A C-STORE is answered with success only after the instance is durable.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+from imagebridge.dicom.net import set_nodelay, storage_scp_ae
+from imagebridge.dicom.part10 import BadDataset, read_header
+from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.routing import RoutingTable
+from imagebridge.gateway.spool import Spool, SpoolFull
+from imagebridge.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses (PS3.4 B.2.3 and Annex C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+NO_ROUTE = 0xC001  # a failure status in the C000-CFFF "cannot understand" range
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the service user
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
+
+
+@dataclass
+class _AssociationState:
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    transfers: set[str] = field(default_factory=set)
+    studies: Counter[tuple[str, str]] = field(default_factory=Counter)
+    refused: int = 0
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class StorageSCP:
+    def __init__(
+        self, settings: GatewaySettings, spool: Spool, routing: RoutingTable, journal: Journal
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.routing = routing
+        self.journal = journal
+        self.ae = storage_scp_ae(settings.ae_title, settings.max_pdu)
+        # Any called AE title may arrive: each names a destination, checked on request.
+        self.ae.require_called_aet = False
+        self._states: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def start(self) -> int:
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        port: int = self._server.server_address[1]
+        return port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_open(self, event: evt.Event) -> None:
+        set_nodelay(event.assoc.dul.socket.socket)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc: Association = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        address = assoc.requestor.address
+        known = [
+            n
+            for n in self.settings.calling_aes
+            if n.ae_title == calling and (n.host is None or n.host == address)
+        ]
+        if not known:
+            self._reject(
+                assoc,
+                CALLING_AE_NOT_RECOGNISED,
+                calling,
+                called,
+                address,
+                "calling AE title not recognised",
+            )
+            return
+        if called != self.settings.ae_title and self.routing.lookup(called) is None:
+            self._reject(
+                assoc,
+                CALLED_AE_NOT_RECOGNISED,
+                calling,
+                called,
+                address,
+                "called AE title is no known route",
+            )
+            return
+        with self._lock:
+            self._states[id(assoc)] = _AssociationState(calling, called, address)
+        self.journal.write(
+            "dicom:association:accepted",
+            source_address=address,
+            calling_ae_title=calling,
+            called_ae_title=called,
+        )
+
+    def _reject(
+        self, assoc: Association, diagnostic: int, calling: str, called: str, address: str, why: str
+    ) -> None:
+        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+        assoc.is_rejected = True
+        log.warning("association refused: %s", why)
+        self.journal.write(
+            "dicom:association:refused",
+            "refused",
+            source_address=address,
+            calling_ae_title=calling,
+            called_ae_title=called,
+            reason=why,
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        state = self._states.get(id(event.assoc))
+        if state is None:
+            return _status(CANNOT_UNDERSTAND, "association not accepted")
+        route = self.routing.lookup(state.called_ae_title)
+        if route is None:
+            return self._refuse(state, NO_ROUTE, "no route: send to a routing AE title", "", "")
+        request = event.request
+        syntax = str(event.context.transfer_syntax)
+        raw: bytes = request.DataSet.getvalue()
+        try:
+            header = read_header(io.BytesIO(raw), syntax)
+        except BadDataset as exc:
+            return self._refuse(state, CANNOT_UNDERSTAND, str(exc), "", "")
+        if header.sop_class_uid != str(request.AffectedSOPClassUID) or (
+            header.sop_instance_uid != str(request.AffectedSOPInstanceUID)
+        ):
+            return self._refuse(
+                state,
+                DATASET_DOES_NOT_MATCH,
+                "dataset does not match the SOP class/instance of the request",
+                header.text("PatientID"),
+                header.study_instance_uid,
+            )
+        priority = "urgent" if request.Priority == 1 else route.priority  # 1 = HIGH
+        try:
+            self.spool.accept(
+                raw,
+                sop_class_uid=header.sop_class_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                transfer_syntax_uid=syntax,
+                destination=route.institution,
+                priority=priority,
+                study_instance_uid=header.study_instance_uid,
+                calling_ae_title=state.calling_ae_title,
+                association=state.transfers,
+            )
+        except SpoolFull as exc:
+            return self._refuse(
+                state,
+                OUT_OF_RESOURCES,
+                str(exc),
+                header.text("PatientID"),
+                header.study_instance_uid,
+            )
+        except OSError:
+            log.exception("spool write failed")
+            return self._refuse(
+                state,
+                OUT_OF_RESOURCES,
+                "spool write failed",
+                header.text("PatientID"),
+                header.study_instance_uid,
+            )
+        state.studies[(header.text("PatientID"), header.study_instance_uid)] += 1
+        return SUCCESS
+
+    def _refuse(
+        self, state: _AssociationState, code: int, reason: str, patient: str, study: str
+    ) -> Dataset:
+        state.refused += 1
+        log.warning("C-STORE refused (0x%04X): %s", code, reason)
+        self.journal.write(
+            "dicom:instance:refused",
+            "failure",
+            patient_ref=patient,
+            study_ref=study,
+            source_address=state.address,
+            calling_ae_title=state.calling_ae_title,
+            called_ae_title=state.called_ae_title,
+            status=f"0x{code:04X}",
+            reason=reason,
+        )
+        return _status(code, reason)
+
+    def _on_end(self, event: evt.Event) -> None:
+        with self._lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is None:
+            return
+        self.spool.association_ended(state.transfers)
+        aborted = event.event is evt.EVT_ABORTED
+        for (patient, study), count in state.studies.items():
+            # One event per study and association, like ATNA's "DICOM Instances Transferred".
+            self.journal.write(
+                "dicom:instances:received",
+                patient_ref=patient,
+                study_ref=study,
+                source_address=state.address,
+                calling_ae_title=state.calling_ae_title,
+                called_ae_title=state.called_ae_title,
+                instances=count,
+                aborted=aborted,
+            )
+
+    def _on_close(self, event: evt.Event) -> None:
+        self._on_end(event)

@@ -1,0 +1,276 @@
+"""The gateway's outbound spool: what the local PACS sent, durable before it is acknowledged.
+
+Layout under ``<data_dir>/spool``::
+
+    tmp/                       files being written
+    out/<local id>/meta.json   one folder per outbound transfer (destination, priority, study)
+    out/<local id>/<sha>.dcm   instances not yet confirmed by the hub, named by SHA-256
+    refused/<sha>.dcm + .json  instances the hub refused, kept for a human, with the reason
+
+A file is only ever renamed into ``out/`` after it and its folder entry are fsync'd, so an
+acknowledged instance survives a crash, and a crash never leaves a partial one in ``out/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagebridge.dicom.part10 import file_meta
+
+
+class SpoolFull(OSError):
+    """Too little disk left to accept more without risking what is already stored."""
+
+
+@dataclass
+class Outbound:
+    local_id: str
+    destination: str
+    priority: str
+    study_instance_uid: str
+    calling_ae_title: str
+    created_at: float
+    hub_id: str | None = None
+    closed: bool = False
+    # In memory only:
+    pending: dict[str, Path] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+    active_associations: int = 0
+    last_instance_at: float = field(default_factory=time.monotonic)
+    received: int = 0
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "local_id": self.local_id,
+            "destination": self.destination,
+            "priority": self.priority,
+            "study_instance_uid": self.study_instance_uid,
+            "calling_ae_title": self.calling_ae_title,
+            "created_at": self.created_at,
+            "hub_id": self.hub_id,
+            "closed": self.closed,
+        }
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as fh:
+        for part in data if isinstance(data, list) else [data]:
+            fh.write(part)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_bytes: int) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.out = root / "out"
+        self.refused = root / "refused"
+        for d in (self.tmp, self.out, self.refused):
+            d.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
+        self.changed = threading.Condition()
+        self._transfers: dict[str, Outbound] = {}
+        self._open: dict[tuple[str, str, str, str], str] = {}
+        self._recover()
+
+    def _recover(self) -> None:
+        for leftover in self.tmp.iterdir():
+            leftover.unlink()
+        for folder in sorted(self.out.iterdir()):
+            meta_path = folder / "meta.json"
+            if not meta_path.exists():
+                shutil.rmtree(folder)  # created but never held an acknowledged instance
+                continue
+            meta = json.loads(meta_path.read_text())
+            t = Outbound(**meta)
+            t.pending = {p.stem: p for p in folder.glob("*.dcm")}
+            self._transfers[t.local_id] = t
+            if not t.closed:
+                self._open[self._key(t)] = t.local_id
+
+    @staticmethod
+    def _key(t: Outbound) -> tuple[str, str, str, str]:
+        return (t.destination, t.priority, t.study_instance_uid, t.calling_ae_title)
+
+    def check_space(self) -> None:
+        if shutil.disk_usage(self.root).free < self.min_free_bytes:
+            raise SpoolFull("spool disk nearly full")
+
+    def accept(
+        self,
+        dataset: bytes,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        destination: str,
+        priority: str,
+        study_instance_uid: str,
+        calling_ae_title: str,
+        association: set[str],
+    ) -> tuple[str, str]:
+        """Store one received instance durably; returns (its SHA-256, its transfer's local id).
+
+        ``association`` is the set of transfers the calling association has touched; a
+        transfer stays open while any association that touched it is open.
+        """
+        self.check_space()
+        meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        sha = hashlib.sha256(meta)
+        sha.update(dataset)
+        digest = sha.hexdigest()
+        t = self._transfer_for(
+            destination, priority, study_instance_uid, calling_ae_title, association
+        )
+        final = self.out / t.local_id / f"{digest}.dcm"
+        if not final.exists():
+            write_durably(final, [meta, dataset], self.tmp)
+        with self.changed:
+            t.pending[digest] = final
+            t.received += 1
+            t.last_instance_at = time.monotonic()
+            self.changed.notify_all()
+        return digest, t.local_id
+
+    def _transfer_for(
+        self,
+        destination: str,
+        priority: str,
+        study_uid: str,
+        calling_ae: str,
+        association: set[str],
+    ) -> Outbound:
+        key = (destination, priority, study_uid, calling_ae)
+        with self.changed:
+            local_id = self._open.get(key)
+            if local_id is not None:
+                t = self._transfers[local_id]
+                if local_id not in association:
+                    association.add(local_id)
+                    t.active_associations += 1
+                return t
+            t = Outbound(
+                local_id=uuid.uuid4().hex,
+                destination=destination,
+                priority=priority,
+                study_instance_uid=study_uid,
+                calling_ae_title=calling_ae,
+                created_at=time.time(),
+            )
+            folder = self.out / t.local_id
+            folder.mkdir()
+            write_durably(folder / "meta.json", json.dumps(t.meta()).encode(), self.tmp)
+            fsync_dir(self.out)
+            self._transfers[t.local_id] = t
+            self._open[key] = t.local_id
+            association.add(t.local_id)
+            t.active_associations += 1
+            return t
+
+    def association_ended(self, local_ids: set[str]) -> None:
+        with self.changed:
+            for local_id in local_ids:
+                t = self._transfers.get(local_id)
+                if t is not None:
+                    t.active_associations -= 1
+                    t.last_instance_at = time.monotonic()
+            self.changed.notify_all()
+
+    def close_stable(self, stable_seconds: float) -> None:
+        """Close transfers whose study has been quiet long enough: later arrivals start anew."""
+        now = time.monotonic()
+        with self.changed:
+            for key, local_id in list(self._open.items()):
+                t = self._transfers[local_id]
+                if t.active_associations <= 0 and now - t.last_instance_at >= stable_seconds:
+                    t.closed = True
+                    del self._open[key]
+                    self._save(t)
+
+    def _save(self, t: Outbound) -> None:
+        write_durably(self.out / t.local_id / "meta.json", json.dumps(t.meta()).encode(), self.tmp)
+
+    def set_hub_id(self, t: Outbound, hub_id: str) -> None:
+        with self.changed:
+            t.hub_id = hub_id
+            self._save(t)
+
+    def by_priority(self) -> list[Outbound]:
+        with self.changed:
+            return sorted(
+                self._transfers.values(), key=lambda t: (t.priority != "urgent", t.created_at)
+            )
+
+    def take_batch(self, t: Outbound, max_items: int, max_bytes: int) -> list[tuple[str, Path]]:
+        batch: list[tuple[str, Path]] = []
+        size = 0
+        with self.changed:
+            for sha, path in t.pending.items():
+                if sha in t.in_flight:
+                    continue
+                batch.append((sha, path))
+                t.in_flight.add(sha)
+                size += path.stat().st_size
+                if len(batch) >= max_items or size >= max_bytes:
+                    break
+        return batch
+
+    def release(self, t: Outbound, shas: list[str]) -> None:
+        with self.changed:
+            t.in_flight.difference_update(shas)
+
+    def uploaded(self, t: Outbound, shas: list[str]) -> None:
+        """The hub has these durably: the spool copy can go."""
+        with self.changed:
+            for sha in shas:
+                path = t.pending.pop(sha, None)
+                t.in_flight.discard(sha)
+                if path is not None:
+                    path.unlink(missing_ok=True)
+
+    def refuse(self, t: Outbound, sha: str, reason: str) -> None:
+        """Keep a refused instance aside with its reason; it is not sent again."""
+        with self.changed:
+            path = t.pending.pop(sha, None)
+            t.in_flight.discard(sha)
+        if path is not None and path.exists():
+            os.replace(path, self.refused / path.name)
+            write_durably(
+                self.refused / f"{sha}.json",
+                json.dumps({"reason": reason, "destination": t.destination}).encode(),
+                self.tmp,
+            )
+
+    def ready_to_finish(self, t: Outbound) -> bool:
+        with self.changed:
+            return t.closed and not t.pending
+
+    def finish(self, t: Outbound) -> None:
+        with self.changed:
+            self._transfers.pop(t.local_id, None)
+        shutil.rmtree(self.out / t.local_id, ignore_errors=True)
+
+    def pending_count(self) -> int:
+        with self.changed:
+            return sum(len(t.pending) for t in self._transfers.values())

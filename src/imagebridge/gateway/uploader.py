@@ -1,0 +1,139 @@
+"""Moves the outbound spool to the hub: in batches, resumably, while studies still arrive."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
+from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.spool import Outbound, Spool
+from imagebridge.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class Backoff:
+    """Exponential backoff between a first and a longest delay."""
+
+    def __init__(self, first: float, longest: float) -> None:
+        self.first, self.longest = first, longest
+        self.delay = 0.0
+
+    def failed(self) -> float:
+        self.delay = min(self.longest, self.delay * 2 if self.delay else self.first)
+        return self.delay
+
+    def succeeded(self) -> None:
+        self.delay = 0.0
+
+
+class Uploader:
+    def __init__(
+        self, settings: GatewaySettings, spool: Spool, hub: HubClient, journal: Journal
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.hub = hub
+        self.journal = journal
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+        self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.spool.changed:
+            self.spool.changed.notify_all()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+                self.backoff.succeeded()
+            except HubUnavailable as exc:
+                delay = self.backoff.failed()
+                log.warning("hub unavailable (%s); retrying in %.1f s", exc, delay)
+                self._stop.wait(delay)
+                continue
+            except Exception:
+                log.exception("upload step failed")
+                self._stop.wait(self.backoff.failed())
+                continue
+            if not busy:
+                with self.spool.changed:
+                    self.spool.changed.wait(timeout=0.2)
+
+    def step(self) -> bool:
+        """Do one unit of work; False when there was nothing to do."""
+        self.spool.close_stable(self.settings.study_stable_seconds)
+        self._forward_journal()
+        for t in self.spool.by_priority():
+            if t.hub_id is None and not self._open_on_hub(t):
+                return True
+            batch = self.spool.take_batch(
+                t, self.settings.upload_batch_instances, self.settings.upload_batch_bytes
+            )
+            if batch:
+                self._upload(t, batch)
+                return True
+            if self.spool.ready_to_finish(t):
+                assert t.hub_id is not None
+                self.hub.close_transfer(t.hub_id)
+                self.spool.finish(t)
+                return True
+        return False
+
+    def _open_on_hub(self, t: Outbound) -> bool:
+        try:
+            made = self.hub.create_transfer(
+                receiver=t.destination,
+                priority=t.priority,
+                origin="dicom",
+                calling_ae_title=t.calling_ae_title,
+                idempotency_key=t.local_id,
+                reason=f"sent by {t.calling_ae_title}",
+            )
+        except HubError as exc:
+            # The hub will never take this transfer (e.g. unknown destination): set aside.
+            log.error("hub refused a transfer: %s", exc)
+            for sha in list(t.pending):
+                self.spool.refuse(t, sha, str(exc))
+            self.journal.write("transfer:transfer:refused", "failure", reason=str(exc))
+            if t.closed:
+                self.spool.finish(t)
+            return False
+        self.spool.set_hub_id(t, made["id"])
+        return True
+
+    def _upload(self, t: Outbound, batch: list[tuple[str, object]]) -> None:
+        assert t.hub_id is not None
+        shas = [sha for sha, _ in batch]
+        try:
+            missing = self.hub.missing(shas)
+            result = self.hub.upload(
+                t.hub_id,
+                [(sha, path if sha in missing else None) for sha, path in batch],  # type: ignore[misc]
+            )
+        except HubUnavailable:
+            self.spool.release(t, shas)
+            raise
+        except HubError as exc:
+            self.spool.release(t, shas)
+            log.error("hub refused a batch: %s", exc)
+            for sha in shas:
+                self.spool.refuse(t, sha, str(exc))
+            return
+        self.spool.uploaded(t, result["accepted"])
+        for refused in result["refused"]:
+            self.spool.refuse(t, refused["sha256"], refused["reason"])
+
+    def _forward_journal(self) -> None:
+        for path in self.journal.pending_batches():
+            events = Journal.read(path)
+            for start in range(0, len(events), 500):
+                self.hub.audit(events[start : start + 500])
+            path.unlink()

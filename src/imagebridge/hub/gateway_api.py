@@ -1,0 +1,184 @@
+"""The hub's side of the gateway protocol: configuration, blobs, work and audit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from imagebridge.actors import Actor
+from imagebridge.audit.services import record
+from imagebridge.hub.auth import GatewayActor, get_hub, public
+from imagebridge.hub.state import Hub
+from imagebridge.institutions.models import Institution
+from imagebridge.storage.blobs import is_digest
+from imagebridge.storage.models import Blob
+from imagebridge.transfers import services
+from imagebridge.transfers.framing import CHUNK, MEDIA_TYPE, frame_header
+from imagebridge.transfers.models import Report, Transfer, TransferInstance
+
+router = APIRouter(prefix="/api/v1", tags=["gateway protocol"])
+HubDep = Annotated[Hub, Depends(get_hub)]
+LEASE_SECONDS = 300.0
+# Long polls recheck the database this often, to see work queued by other hub processes.
+RECHECK_SECONDS = 0.5
+
+
+class Digests(BaseModel):
+    sha256: list[str] = Field(max_length=10000)
+
+
+class GatewayEvent(BaseModel):
+    at: datetime
+    action: str = Field(pattern=r"^[a-z0-9_-]+:[a-z0-9_-]+:[a-z0-9_-]+$")
+    outcome: str = Field(pattern=r"^(success|failure|refused)$")
+    patient_ref: str = Field("", max_length=130)
+    study_ref: str = Field("", max_length=64)
+    source_address: str = Field("", max_length=64)
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class GatewayEvents(BaseModel):
+    events: list[GatewayEvent] = Field(max_length=1000)
+
+
+@router.get("/health", dependencies=[Depends(public)])
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/gateway/config")
+def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
+    """The routing table: which called AE title sends to which institution, how urgently."""
+    with hub.sessions() as session:
+        institutions = session.scalars(select(Institution).order_by(Institution.code)).all()
+        me = next(i for i in institutions if i.id == actor.institution_id)
+        routes = []
+        for i in institutions:
+            if i.id == me.id:
+                continue
+            routes.append(
+                {"ae_title": i.routing_ae_title, "institution": i.code, "priority": "routine"}
+            )
+            if i.urgent_ae_title:
+                routes.append(
+                    {"ae_title": i.urgent_ae_title, "institution": i.code, "priority": "urgent"}
+                )
+        return {"institution": me.code, "name": me.name, "routes": routes}
+
+
+@router.post("/gateway/blobs/missing")
+def missing(body: Digests, actor: GatewayActor, hub: HubDep) -> dict[str, list[str]]:
+    """Which of these blobs the hub does not hold yet: only those need uploading."""
+    wanted = [d for d in dict.fromkeys(body.sha256) if is_digest(d)]
+    with hub.sessions() as session:
+        held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
+    return {"missing": [d for d in wanted if d not in held or not hub.blobs.exists(d)]}
+
+
+@router.post("/gateway/blobs", response_class=StreamingResponse)
+def download(body: Digests, actor: GatewayActor, hub: HubDep) -> StreamingResponse:
+    """Blobs addressed to this gateway's institution, as a stream of framed blobs."""
+    wanted = list(dict.fromkeys(body.sha256))
+    with hub.sessions() as session:
+        mine = Transfer.receiver_institution_id == actor.institution_id
+        allowed = set(
+            session.scalars(
+                select(TransferInstance.blob_sha256)
+                .join(Transfer, Transfer.id == TransferInstance.transfer_id)
+                .where(mine, TransferInstance.blob_sha256.in_(wanted))
+            )
+        ) | set(
+            session.scalars(
+                select(Report.blob_sha256)
+                .join(Transfer, Transfer.id == Report.transfer_id)
+                .where(mine, Report.blob_sha256.in_(wanted))
+            )
+        )
+    refused = [d for d in wanted if d not in allowed]
+    if refused:
+        raise HTTPException(404, f"{len(refused)} blob(s) not addressed to this institution")
+
+    def stream() -> Iterator[bytes]:
+        for sha in wanted:
+            with hub.blobs.open(sha) as fh:
+                size = fh.seek(0, 2)
+                fh.seek(0)
+                yield frame_header(sha, size)
+                while chunk := fh.read(CHUNK):
+                    yield chunk
+
+    return StreamingResponse(stream(), media_type=MEDIA_TYPE)
+
+
+def _take_work(hub: Hub, actor: Actor, limit: int) -> dict[str, Any] | None:
+    with hub.sessions() as session, session.begin():
+        assert actor.institution_id is not None
+        batch = services.next_work(session, actor.institution_id, limit, LEASE_SECONDS)
+        if batch is None:
+            return None
+        t = batch.transfer
+        return {
+            "transfer": {
+                "id": t.id,
+                "sender": batch.sender_code,
+                "priority": t.priority,
+                "status": t.status,
+                "reason": t.reason,
+            },
+            "instances": [vars(i) for i in batch.instances],
+            "reports": [vars(r) for r in batch.reports],
+        }
+
+
+@router.get("/gateway/work")
+async def work(
+    actor: GatewayActor,
+    hub: HubDep,
+    limit: int = Query(32, ge=1, le=1000),
+    wait: float = Query(0.0, ge=0.0, description="Seconds to wait for work (long poll)"),
+) -> dict[str, Any]:
+    """Lease the next items to deliver, urgent transfers first; waits up to `wait` seconds."""
+    assert actor.institution_id is not None
+    deadline = time.monotonic() + min(wait, hub.settings.inbox_wait_seconds)
+    while True:
+        event = hub.notifier.event(actor.institution_id)
+        found = await run_in_threadpool(_take_work, hub, actor, limit)
+        if found is not None:
+            return found
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return {"transfer": None, "instances": [], "reports": []}
+        try:
+            await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+        except TimeoutError:
+            pass
+
+
+@router.post("/gateway/audit", status_code=201)
+def gateway_audit(body: GatewayEvents, actor: GatewayActor, hub: HubDep) -> dict[str, int]:
+    """Events the gateway saw first (associations, C-STOREs), forwarded from its journal."""
+    with hub.sessions() as session, session.begin():
+        for e in body.events:
+            event = record(
+                session,
+                e.action,
+                e.outcome,
+                actor_type="gateway",
+                actor=actor.name,
+                institution_id=actor.institution_id,
+                patient_ref=e.patient_ref,
+                study_ref=e.study_ref,
+                source_address=e.source_address,
+                detail=e.detail,
+            )
+            event.at = e.at
+    return {"recorded": len(body.events)}

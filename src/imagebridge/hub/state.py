@@ -1,0 +1,78 @@
+"""What a hub process holds: settings, database, blob store and the inbox notifier."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from imagebridge.db import make_engine, make_sessionmaker
+from imagebridge.migrate import upgrade
+from imagebridge.settings import HubSettings
+from imagebridge.storage.blobs import BlobStore, LocalBlobStore
+
+
+class InboxNotifier:
+    """Wakes a gateway's long poll when work for its institution may have arrived.
+
+    A nudge is only a hint: pollers also recheck the database on a short timer, so work
+    queued by another hub process is found too.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def event(self, institution_id: int) -> asyncio.Event:
+        return self._events.setdefault(institution_id, asyncio.Event())
+
+    def nudge(self, institution_id: int) -> None:
+        """Callable from any thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set, institution_id)
+
+    def _set(self, institution_id: int) -> None:
+        self.event(institution_id).set()
+        self._events.pop(institution_id, None)
+
+
+@dataclass
+class Hub:
+    settings: HubSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    admin_token: str
+    notifier: InboxNotifier = field(default_factory=InboxNotifier)
+    token_cache: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: HubSettings) -> Hub:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        upgrade(engine)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            blobs=LocalBlobStore(settings.resolved_blob_dir),
+            admin_token=settings.admin_token or _admin_token(settings.data_dir),
+        )
+
+
+def _admin_token(data_dir: Path) -> str:
+    """The network administrator's token: generated on first start, readable by root only."""
+    path = data_dir / "admin-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("iba_" + secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()

@@ -1,0 +1,105 @@
+"""HTTP API of the directory: institutions and gateways."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from imagebridge.audit.services import record
+from imagebridge.hub.auth import Admin, Member, get_hub
+from imagebridge.hub.state import Hub
+from imagebridge.institutions.models import Gateway, Institution
+from imagebridge.institutions.services import (
+    DirectoryError,
+    create_institution,
+    get_institution,
+    issue_gateway,
+    revoke_gateway,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["directory"])
+HubDep = Annotated[Hub, Depends(get_hub)]
+
+
+class InstitutionIn(BaseModel):
+    code: str = Field(examples=["RXH"])
+    name: str = Field(min_length=1, max_length=200)
+    routing_ae_title: str | None = None
+    urgent_ae_title: str | None = None
+
+
+class GatewayIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+def _out(i: Institution) -> dict[str, Any]:
+    return {
+        "code": i.code,
+        "name": i.name,
+        "routing_ae_title": i.routing_ae_title,
+        "urgent_ae_title": i.urgent_ae_title,
+    }
+
+
+@router.post("/institutions", status_code=201)
+def add_institution(body: InstitutionIn, actor: Admin, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        try:
+            institution = create_institution(
+                session, body.code, body.name, body.routing_ae_title, body.urgent_ae_title
+            )
+        except DirectoryError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        record(
+            session,
+            "directory:institution:created",
+            institution_id=institution.id,
+            detail={"code": institution.code},
+            **actor.audit(),
+        )
+        return _out(institution)
+
+
+@router.get("/institutions")
+def list_institutions(actor: Member, hub: HubDep) -> list[dict[str, Any]]:
+    with hub.sessions() as session:
+        return [_out(i) for i in session.scalars(select(Institution).order_by(Institution.code))]
+
+
+@router.post("/institutions/{code}/gateways", status_code=201)
+def add_gateway(code: str, body: GatewayIn, actor: Admin, hub: HubDep) -> dict[str, Any]:
+    """Register a gateway; its secret token is in this answer and nowhere else."""
+    with hub.sessions() as session, session.begin():
+        institution = get_institution(session, code)
+        if institution is None:
+            raise HTTPException(404, "no such institution")
+        gateway, token = issue_gateway(session, institution, body.name)
+        record(
+            session,
+            "directory:gateway:issued",
+            institution_id=institution.id,
+            detail={"gateway_id": gateway.id, "name": gateway.name},
+            **actor.audit(),
+        )
+        return {"id": gateway.id, "institution": code, "name": gateway.name, "token": token}
+
+
+@router.post("/gateways/{gateway_id}/revoke")
+def revoke(gateway_id: int, actor: Admin, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        gateway = session.get(Gateway, gateway_id)
+        if gateway is None:
+            raise HTTPException(404, "no such gateway")
+        revoke_gateway(session, gateway)
+        record(
+            session,
+            "directory:gateway:revoked",
+            institution_id=gateway.institution_id,
+            detail={"gateway_id": gateway.id},
+            **actor.audit(),
+        )
+    hub.token_cache.clear()
+    return {"id": gateway_id, "revoked": True}

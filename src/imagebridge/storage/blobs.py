@@ -1,0 +1,122 @@
+"""The blob store: content-addressed (SHA-256) objects, each stored once.
+
+Implementations are chosen by a setting; the local folder is the embedded default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+DIGEST_LENGTH = 64
+
+
+def is_digest(value: str) -> bool:
+    return len(value) == DIGEST_LENGTH and all(c in "0123456789abcdef" for c in value)
+
+
+class BlobMismatch(ValueError):
+    """The bytes received do not hash to the digest they were announced with."""
+
+
+class BlobWriter(Protocol):
+    def write(self, chunk: bytes) -> None: ...
+
+    def staged_path(self) -> Path:
+        """The bytes written so far, in a local file, to check them before commit."""
+        ...
+
+    def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
+        """Make the object durable under its digest; return (sha256, size)."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def exists(self, sha256: str) -> bool: ...
+
+    def writer(self) -> BlobWriter: ...
+
+    def open(self, sha256: str) -> BinaryIO: ...
+
+    def local_path(self, sha256: str) -> Path | None:
+        """A filesystem path for the object, if this store has one (lets callers stream it)."""
+        ...
+
+
+class LocalBlobWriter:
+    def __init__(self, store: LocalBlobStore) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+        self._file = os.fdopen(fd, "wb")
+        self._tmp = Path(name)
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._hash.update(chunk)
+        self._size += len(chunk)
+
+    def staged_path(self) -> Path:
+        self._file.flush()
+        return self._tmp
+
+    def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
+        digest = self._hash.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            self.abort()
+            raise BlobMismatch(f"content hashes to {digest}, not {expected_sha256}")
+        final = self._store.path_for(digest)
+        if final.exists():
+            # Single source: the same content is already stored.
+            self.abort()
+            return digest, self._size
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, final)
+        _fsync_dir(final.parent)
+        return digest, self._size
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if not is_digest(sha256):
+            raise ValueError("not a SHA-256 digest")
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).exists()
+
+    def writer(self) -> LocalBlobWriter:
+        return LocalBlobWriter(self)
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self.path_for(sha256), "rb")
+
+    def local_path(self, sha256: str) -> Path | None:
+        return self.path_for(sha256)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

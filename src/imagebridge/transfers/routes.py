@@ -1,0 +1,360 @@
+"""HTTP API of transfers: create, follow, upload into (gateways), report delivery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from imagebridge.actors import Actor
+from imagebridge.audit.services import record
+from imagebridge.dicom.part10 import BadDataset, Header, read_header
+from imagebridge.hub.auth import GatewayActor, Member, get_hub
+from imagebridge.hub.state import Hub
+from imagebridge.institutions.models import Institution
+from imagebridge.institutions.services import get_institution
+from imagebridge.storage.blobs import BlobMismatch, BlobWriter
+from imagebridge.storage.models import Blob
+from imagebridge.transfers import services
+from imagebridge.transfers.framing import (
+    MEDIA_TYPE,
+    FrameData,
+    FrameDecoder,
+    FrameEnd,
+    FrameStart,
+    FramingError,
+)
+from imagebridge.transfers.models import Transfer, TransferStatus
+from imagebridge.transfers.services import Outcome, TransferError
+
+router = APIRouter(prefix="/api/v1", tags=["transfers"])
+HubDep = Annotated[Hub, Depends(get_hub)]
+MAX_INSTANCE_BYTES = 4 * 1024**3
+MAX_REPORT_BYTES = 64 * 1024**2
+
+
+class TransferIn(BaseModel):
+    receiver: str = Field(description="Receiving institution's code")
+    sender: str | None = Field(None, description="Sending institution (administrator only)")
+    priority: Literal["urgent", "routine"] = "routine"
+    reason: str = Field("", max_length=2000)
+    study_instance_uids: list[str] = Field(
+        default_factory=list, description="Studies the hub holds for the sender"
+    )
+    origin: Literal["api", "dicom"] = "api"
+    calling_ae_title: str = Field("", max_length=16)
+    idempotency_key: str | None = Field(None, max_length=64)
+
+
+class OutcomeIn(BaseModel):
+    id: int
+    outcome: Literal["delivered", "failed", "retry"]
+    detail: str = Field("", max_length=500)
+    sop_instance_uid: str = Field("", max_length=64)
+
+
+class DeliveriesIn(BaseModel):
+    instances: list[OutcomeIn] = Field(default_factory=list, max_length=10000)
+    reports: list[OutcomeIn] = Field(default_factory=list, max_length=1000)
+
+
+def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Transfer:
+    """The transfer, if this caller may act on it as one of the given roles."""
+    transfer = session.get(Transfer, transfer_id)
+    if transfer is None:
+        raise HTTPException(404, "no such transfer")
+    if actor.kind == "admin":
+        return transfer
+    allowed = {
+        "sender": transfer.sender_institution_id,
+        "receiver": transfer.receiver_institution_id,
+    }
+    if actor.institution_id not in {allowed[r] for r in roles}:
+        # Not found rather than forbidden: do not confirm other institutions' transfers exist.
+        raise HTTPException(404, "no such transfer")
+    return transfer
+
+
+@router.post("/transfers", status_code=201)
+def create(body: TransferIn, actor: Member, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        if actor.kind == "gateway":
+            sender = session.get(Institution, actor.institution_id)
+            if body.sender is not None and sender is not None and body.sender != sender.code:
+                raise HTTPException(403, "a gateway sends for its own institution only")
+        elif body.sender is None:
+            raise HTTPException(422, "sender is required")
+        else:
+            sender = get_institution(session, body.sender)
+        receiver = get_institution(session, body.receiver)
+        if sender is None or receiver is None:
+            raise HTTPException(404, "unknown sender or receiver institution")
+        try:
+            transfer, _ = services.create_transfer(
+                session,
+                sender=sender,
+                receiver=receiver,
+                actor=actor,
+                priority=body.priority,
+                reason=body.reason,
+                origin=body.origin,
+                calling_ae_title=body.calling_ae_title,
+                idempotency_key=body.idempotency_key,
+                study_instance_uids=body.study_instance_uids,
+            )
+        except TransferError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        out = services.describe(session, transfer)
+        receiver_id = receiver.id
+    hub.notifier.nudge(receiver_id)
+    return out
+
+
+@router.get("/transfers")
+def list_transfers(
+    actor: Member,
+    hub: HubDep,
+    box: Literal["inbox", "outbox", "all"] = "all",
+    status: str | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    query = select(Transfer)
+    if actor.kind == "gateway":
+        me = actor.institution_id
+        if box == "inbox":
+            query = query.where(Transfer.receiver_institution_id == me)
+        elif box == "outbox":
+            query = query.where(Transfer.sender_institution_id == me)
+        else:
+            query = query.where(
+                (Transfer.receiver_institution_id == me) | (Transfer.sender_institution_id == me)
+            )
+    if status:
+        query = query.where(Transfer.status == status)
+    query = query.order_by(Transfer.priority_rank, Transfer.created_at.desc()).limit(limit)
+    with hub.sessions() as session:
+        return [services.describe(session, t) for t in session.scalars(query)]
+
+
+@router.get("/transfers/{transfer_id}")
+def get_transfer(transfer_id: str, actor: Member, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session:
+        return services.describe(session, _load(session, transfer_id, actor, "sender", "receiver"))
+
+
+@router.post("/transfers/{transfer_id}/close")
+def close(transfer_id: str, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
+    """The sending gateway has uploaded everything it will for this transfer."""
+    with hub.sessions() as session, session.begin():
+        transfer = _load(session, transfer_id, actor, "sender")
+        services.close_transfer(session, transfer, actor)
+        out = services.describe(session, transfer)
+        receiver_id = transfer.receiver_institution_id
+    hub.notifier.nudge(receiver_id)
+    return out
+
+
+@router.post("/transfers/{transfer_id}/retry")
+def retry(transfer_id: str, actor: Member, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        transfer = _load(session, transfer_id, actor, "sender", "receiver")
+        services.retry_failed(session, transfer, actor)
+        out = services.describe(session, transfer)
+        receiver_id = transfer.receiver_institution_id
+    hub.notifier.nudge(receiver_id)
+    return out
+
+
+@router.post("/transfers/{transfer_id}/deliveries")
+def deliveries(
+    transfer_id: str, body: DeliveriesIn, actor: GatewayActor, hub: HubDep
+) -> dict[str, Any]:
+    """The receiving gateway reports what reached its PACS."""
+    with hub.sessions() as session, session.begin():
+        transfer = _load(session, transfer_id, actor, "receiver")
+        services.record_deliveries(
+            session,
+            transfer,
+            [Outcome(o.id, o.outcome, o.detail) for o in body.instances],
+            [Outcome(o.id, o.outcome, o.detail, o.sop_instance_uid) for o in body.reports],
+            actor,
+        )
+        return {"status": transfer.status}
+
+
+@router.post("/transfers/{transfer_id}/reports", status_code=201)
+async def attach_report(
+    transfer_id: str,
+    request: Request,
+    actor: Member,
+    hub: HubDep,
+    title: str = Query("Report", max_length=64),
+    study_instance_uid: str | None = Query(None, max_length=64),
+) -> dict[str, Any]:
+    """Attach a report (the body: application/pdf or text/plain) to a transfer."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in services.REPORT_MEDIA_TYPES:
+        raise HTTPException(415, "a report is application/pdf or text/plain")
+    writer = hub.blobs.writer()
+    size = 0
+    head = b""
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_REPORT_BYTES:
+                raise HTTPException(413, f"a report is at most {MAX_REPORT_BYTES} bytes")
+            if len(head) < 8:
+                head += chunk[:8]
+            writer.write(chunk)
+        _check_report(media_type, head, size, writer.staged_path())
+        return await run_in_threadpool(
+            _store_report, hub, writer, transfer_id, actor, media_type, title, study_instance_uid
+        )
+    finally:
+        writer.abort()
+
+
+def _check_report(media_type: str, head: bytes, size: int, path: Path) -> None:
+    if size == 0:
+        raise HTTPException(422, "the report is empty")
+    if media_type == "application/pdf" and not head.startswith(b"%PDF-"):
+        raise HTTPException(422, "the body is not a PDF document")
+    if media_type == "text/plain":
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HTTPException(422, "a text report must be UTF-8") from exc
+        if "\x00" in text:
+            raise HTTPException(422, "a text report cannot contain NUL characters")
+
+
+def _store_report(
+    hub: Hub,
+    writer: BlobWriter,
+    transfer_id: str,
+    actor: Actor,
+    media_type: str,
+    title: str,
+    study_uid: str | None,
+) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        transfer = _load(session, transfer_id, actor, "sender")
+        sha, size = writer.commit()
+        _ensure_blob_row(session, sha, size)
+        try:
+            report = services.add_report(
+                session,
+                transfer,
+                media_type=media_type,
+                title=title,
+                study_instance_uid=study_uid,
+                sha256=sha,
+                size=size,
+                actor=actor,
+            )
+        except TransferError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        receiver_id = transfer.receiver_institution_id
+        out = {"id": report.id, "sha256": sha, "study_instance_uid": report.study_instance_uid}
+    hub.notifier.nudge(receiver_id)
+    return out
+
+
+def _ensure_blob_row(session: Session, sha: str, size: int) -> None:
+    if session.get(Blob, sha) is None:
+        session.add(Blob(sha256=sha, size=size))
+        session.flush()
+
+
+@router.post(
+    "/transfers/{transfer_id}/instances",
+    openapi_extra={"requestBody": {"content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}},
+)
+async def upload_instances(
+    transfer_id: str, request: Request, actor: GatewayActor, hub: HubDep
+) -> dict[str, Any]:
+    """A batch of instances from the sending gateway, as a stream of framed blobs.
+
+    Each blob is hashed as it arrives and checked before it is stored; a blob that does
+    not match its digest, is not a readable DICOM dataset, or would mix up a patient is
+    refused on its own, with the reason, and nothing of it is kept.
+    """
+    with hub.sessions() as session:
+        transfer = _load(session, transfer_id, actor, "sender")
+        if transfer.status != TransferStatus.receiving:
+            raise HTTPException(409, f"transfer is {transfer.status}, no longer receiving")
+    decoder = FrameDecoder(MAX_INSTANCE_BYTES)
+    staged: list[tuple[str, BlobWriter | None]] = []
+    writer: BlobWriter | None = None
+    try:
+        async for chunk in request.stream():
+            for event in decoder.feed(chunk):
+                if isinstance(event, FrameData):
+                    assert writer is not None
+                    writer.write(event.data)
+                elif isinstance(event, FrameStart):
+                    writer = hub.blobs.writer() if event.length else None
+                elif isinstance(event, FrameEnd):
+                    staged.append((event.sha256, writer))
+                    writer = None
+        decoder.close()
+        if len(staged) > 10000:
+            raise HTTPException(413, "at most 10000 instances in one batch")
+        return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor)
+    except FramingError as exc:
+        raise HTTPException(400, f"malformed blob stream: {exc}") from exc
+    finally:
+        for _, w in staged:
+            if w is not None:
+                w.abort()
+        if writer is not None:
+            writer.abort()
+
+
+def _ingest(
+    hub: Hub, transfer_id: str, staged: list[tuple[str, BlobWriter | None]], actor: Actor
+) -> dict[str, Any]:
+    refused: list[dict[str, str]] = []
+    ready: list[tuple[Header, str, int]] = []
+    for sha, writer in staged:
+        try:
+            if writer is None:
+                path = hub.blobs.local_path(sha)
+                if path is None or not hub.blobs.exists(sha):
+                    raise BadDataset("the hub does not hold this blob; send its bytes")
+                header = read_header(path)
+                size = path.stat().st_size
+            else:
+                header = read_header(writer.staged_path())
+                sha, size = writer.commit(expected_sha256=sha)
+        except (BadDataset, BlobMismatch) as exc:
+            refused.append({"sha256": sha, "reason": str(exc)})
+            continue
+        ready.append((header, sha, size))
+    with hub.sessions() as session, session.begin():
+        transfer = _load(session, transfer_id, actor, "sender")
+        for _, sha, size in ready:
+            _ensure_blob_row(session, sha, size)
+        try:
+            result = services.add_instances(session, transfer, ready, actor)
+        except TransferError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        refused += [{"sha256": s, "reason": r} for s, r in result.refused]
+        if refused:
+            record(
+                session,
+                "transfer:instances:refused",
+                "failure",
+                institution_id=transfer.sender_institution_id,
+                transfer_ref=transfer.id,
+                detail={"refused": refused[:50]},
+                **actor.audit(),
+            )
+        receiver_id = transfer.receiver_institution_id
+    hub.notifier.nudge(receiver_id)
+    return {"accepted": result.accepted, "refused": refused}

@@ -1,0 +1,633 @@
+"""The transfer engine: create transfers, take in their instances, hand out and track delivery."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from imagebridge.actors import Actor
+from imagebridge.audit.services import record
+from imagebridge.db import utcnow
+from imagebridge.dicom.part10 import Header
+from imagebridge.index.models import Instance, Patient, Series, Study
+from imagebridge.index.services import IdentityConflict, IndexCache, index_instance
+from imagebridge.institutions.models import Institution
+from imagebridge.transfers.models import (
+    PRIORITY_RANK,
+    ItemStatus,
+    Report,
+    Transfer,
+    TransferInstance,
+    TransferStatus,
+    TransferStudy,
+)
+
+OPEN_STATUSES = (TransferStatus.receiving, TransferStatus.queued, TransferStatus.delivering)
+REPORT_MEDIA_TYPES = ("application/pdf", "text/plain")
+
+
+class TransferError(ValueError):
+    """A request the transfer engine refuses, with the reason in plain words."""
+
+
+def create_transfer(
+    session: Session,
+    *,
+    sender: Institution,
+    receiver: Institution,
+    actor: Actor,
+    priority: str = "routine",
+    reason: str = "",
+    origin: str = "api",
+    calling_ae_title: str = "",
+    idempotency_key: str | None = None,
+    study_instance_uids: list[str] | None = None,
+) -> tuple[Transfer, bool]:
+    """Create a transfer, or return the one made earlier with the same idempotency key."""
+    if idempotency_key:
+        existing = session.scalar(
+            select(Transfer).where(
+                Transfer.sender_institution_id == sender.id,
+                Transfer.idempotency_key == idempotency_key,
+            )
+        )
+        if existing is not None:
+            return existing, False
+    if sender.id == receiver.id:
+        raise TransferError("sender and receiver are the same institution")
+    if priority not in PRIORITY_RANK:
+        raise TransferError("priority must be urgent or routine")
+    transfer = Transfer(
+        sender_institution_id=sender.id,
+        receiver_institution_id=receiver.id,
+        priority=priority,
+        priority_rank=PRIORITY_RANK[priority],
+        reason=reason[:2000],
+        origin=origin,
+        calling_ae_title=calling_ae_title,
+        idempotency_key=idempotency_key,
+        created_by=f"{actor.kind}:{actor.name}",
+        status=TransferStatus.receiving,
+    )
+    session.add(transfer)
+    session.flush()
+    if study_instance_uids:
+        _add_held_studies(session, transfer, sender, study_instance_uids)
+        transfer.received_at = utcnow()
+        transfer.status = TransferStatus.queued
+    elif origin == "api":
+        raise TransferError("name at least one study the hub holds for the sender")
+    record(
+        session,
+        "transfer:transfer:created",
+        institution_id=sender.id,
+        transfer_ref=transfer.id,
+        detail={"receiver": receiver.code, "priority": priority, "origin": origin},
+        **actor.audit(),
+    )
+    return transfer, True
+
+
+def _add_held_studies(
+    session: Session, transfer: Transfer, sender: Institution, uids: list[str]
+) -> None:
+    for uid in dict.fromkeys(uids):
+        study = session.scalar(
+            select(Study).where(Study.institution_id == sender.id, Study.study_instance_uid == uid)
+        )
+        if study is None:
+            raise TransferError(f"study {uid} is not held by the hub for {sender.code}")
+        session.add(TransferStudy(transfer_id=transfer.id, study_id=study.id))
+        rows = session.execute(
+            select(Instance.id, Instance.blob_sha256, Instance.size)
+            .join(Series, Series.id == Instance.series_id)
+            .where(Series.study_id == study.id)
+        ).all()
+        for instance_id, sha, size in rows:
+            session.add(
+                TransferInstance(
+                    transfer_id=transfer.id, instance_id=instance_id, blob_sha256=sha, size=size
+                )
+            )
+            transfer.instances_total += 1
+            transfer.bytes_total += size
+    session.flush()
+
+
+@dataclass
+class IngestResult:
+    accepted: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def add_instances(
+    session: Session,
+    transfer: Transfer,
+    items: list[tuple[Header, str, int]],
+    actor: Actor,
+    nhs_issuer: str = "NHS",
+) -> IngestResult:
+    """Index received instances and attach them to a transfer still receiving."""
+    if transfer.status != TransferStatus.receiving:
+        raise TransferError(f"transfer is {transfer.status}, no longer receiving")
+    result = IngestResult()
+    cache = IndexCache()
+    per_study: Counter[tuple[str, str]] = Counter()
+    linked_studies = set(
+        session.scalars(
+            select(TransferStudy.study_id).where(TransferStudy.transfer_id == transfer.id)
+        )
+    )
+    for header, sha, size in items:
+        try:
+            with session.begin_nested():
+                instance = index_instance(
+                    session, transfer.sender_institution_id, header, sha, size, cache, nhs_issuer
+                )
+        except IdentityConflict as exc:
+            result.refused.append((sha, str(exc)))
+            record(
+                session,
+                "transfer:instance:refused",
+                "failure",
+                institution_id=transfer.sender_institution_id,
+                patient_ref=header.text("PatientID"),
+                study_ref=header.study_instance_uid,
+                transfer_ref=transfer.id,
+                detail={"reason": str(exc), "sop_instance_uid": header.sop_instance_uid},
+                **actor.audit(),
+            )
+            continue
+        study = cache.studies[header.study_instance_uid]
+        if study.id not in linked_studies:
+            session.add(TransferStudy(transfer_id=transfer.id, study_id=study.id))
+            linked_studies.add(study.id)
+        item = session.scalar(
+            select(TransferInstance).where(
+                TransferInstance.transfer_id == transfer.id,
+                TransferInstance.instance_id == instance.id,
+            )
+        )
+        if item is None:
+            session.add(
+                TransferInstance(
+                    transfer_id=transfer.id, instance_id=instance.id, blob_sha256=sha, size=size
+                )
+            )
+            transfer.instances_total += 1
+            transfer.bytes_total += size
+        elif item.status == ItemStatus.pending and item.blob_sha256 != sha:
+            # Resent with new content before delivery: carry the newest bytes.
+            transfer.bytes_total += size - item.size
+            item.blob_sha256, item.size = sha, size
+        result.accepted.append(sha)
+        per_study[(header.text("PatientID"), header.study_instance_uid)] += 1
+    for (patient_id, study_uid), count in per_study.items():
+        # One event per study and batch, as an ATNA "DICOM Instances Transferred" message.
+        record(
+            session,
+            "transfer:instances:received",
+            institution_id=transfer.sender_institution_id,
+            patient_ref=patient_id,
+            study_ref=study_uid,
+            transfer_ref=transfer.id,
+            detail={"instances": count},
+            **actor.audit(),
+        )
+    session.flush()
+    return result
+
+
+def close_transfer(session: Session, transfer: Transfer, actor: Actor) -> None:
+    """The sender has sent everything: the transfer is complete at the hub."""
+    if transfer.status != TransferStatus.receiving:
+        return
+    transfer.received_at = utcnow()
+    transfer.status = TransferStatus.queued
+    if transfer.instances_total == 0 and not transfer.reports:
+        transfer.status = TransferStatus.failed
+        transfer.failure_reason = "no instance was received"
+        transfer.finished_at = utcnow()
+    record(
+        session,
+        "transfer:transfer:received",
+        institution_id=transfer.sender_institution_id,
+        transfer_ref=transfer.id,
+        detail={"instances": transfer.instances_total, "bytes": transfer.bytes_total},
+        **actor.audit(),
+    )
+    refresh_status(session, transfer, actor)
+
+
+def add_report(
+    session: Session,
+    transfer: Transfer,
+    *,
+    media_type: str,
+    title: str,
+    study_instance_uid: str | None,
+    sha256: str,
+    size: int,
+    actor: Actor,
+) -> Report:
+    if media_type not in REPORT_MEDIA_TYPES:
+        raise TransferError("a report is application/pdf or text/plain")
+    uids = study_uids(session, transfer)
+    if study_instance_uid is None:
+        if len(uids) != 1:
+            raise TransferError("the transfer carries several studies (or none yet): name one")
+        study_instance_uid = uids[0]
+    elif study_instance_uid not in uids:
+        raise TransferError("the transfer does not carry that study")
+    report = Report(
+        transfer_id=transfer.id,
+        study_instance_uid=study_instance_uid,
+        media_type=media_type,
+        title=title[:64] or "Report",
+        blob_sha256=sha256,
+        size=size,
+    )
+    transfer.reports.append(report)
+    session.flush()
+    record(
+        session,
+        "transfer:report:attached",
+        institution_id=transfer.sender_institution_id,
+        study_ref=study_instance_uid,
+        transfer_ref=transfer.id,
+        detail={"media_type": media_type, "bytes": size},
+        **actor.audit(),
+    )
+    if transfer.status in (TransferStatus.delivered, TransferStatus.failed):
+        # A report may follow the images: the transfer reopens to deliver it.
+        transfer.finished_at = None
+        transfer.status = TransferStatus.delivering
+    return report
+
+
+def study_uids(session: Session, transfer: Transfer) -> list[str]:
+    return list(
+        session.scalars(
+            select(Study.study_instance_uid)
+            .join(TransferStudy, TransferStudy.study_id == Study.id)
+            .where(TransferStudy.transfer_id == transfer.id)
+            .order_by(TransferStudy.id)
+        )
+    )
+
+
+@dataclass
+class WorkItem:
+    id: int
+    sha256: str
+    size: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+
+
+@dataclass
+class ReportItem:
+    id: int
+    sha256: str
+    media_type: str
+    title: str
+    study_instance_uid: str
+    template_sha256: str  # an image of the study whose header the report copies
+
+
+@dataclass
+class WorkBatch:
+    transfer: Transfer
+    sender_code: str
+    instances: list[WorkItem]
+    reports: list[ReportItem]
+
+
+def next_work(
+    session: Session, receiver_id: int, limit: int, lease_seconds: float
+) -> WorkBatch | None:
+    """Lease the next deliverable items for an institution: urgent first, then oldest."""
+    now = utcnow()
+    free = or_(TransferInstance.lease_until.is_(None), TransferInstance.lease_until < now)
+    transfers = session.scalars(
+        select(Transfer)
+        .where(Transfer.receiver_institution_id == receiver_id, Transfer.status.in_(OPEN_STATUSES))
+        .order_by(Transfer.priority_rank, Transfer.created_at)
+    ).all()
+    lease = now + timedelta(seconds=lease_seconds)
+    for transfer in transfers:
+        rows = session.execute(
+            select(TransferInstance, Instance, Study.study_instance_uid)
+            .join(Instance, Instance.id == TransferInstance.instance_id)
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(
+                TransferInstance.transfer_id == transfer.id,
+                TransferInstance.status == ItemStatus.pending,
+                free,
+            )
+            .order_by(TransferInstance.id)
+            .limit(limit)
+        ).all()
+        items: list[WorkItem] = []
+        for ti, instance, study_uid in rows:
+            ti.lease_until = lease
+            ti.attempts += 1
+            items.append(
+                WorkItem(
+                    ti.id,
+                    ti.blob_sha256,
+                    ti.size,
+                    instance.sop_class_uid,
+                    instance.sop_instance_uid,
+                    instance.transfer_syntax_uid,
+                    study_uid,
+                )
+            )
+        reports = [] if items else _report_work(session, transfer, lease)
+        if items or reports:
+            sender = session.get(Institution, transfer.sender_institution_id)
+            assert sender is not None
+            session.flush()
+            return WorkBatch(transfer, sender.code, items, reports)
+    return None
+
+
+def _report_work(session: Session, transfer: Transfer, lease: Any) -> list[ReportItem]:
+    # Reports go once the images are in: they must land in a study the PACS already has.
+    if transfer.status == TransferStatus.receiving:
+        return []
+    unfinished = session.scalar(
+        select(func.count())
+        .select_from(TransferInstance)
+        .where(
+            TransferInstance.transfer_id == transfer.id,
+            TransferInstance.status == ItemStatus.pending,
+        )
+    )
+    if unfinished:
+        return []
+    now = utcnow()
+    out: list[ReportItem] = []
+    for report in transfer.reports:
+        if report.status != ItemStatus.pending or (
+            report.lease_until is not None and report.lease_until > now
+        ):
+            continue
+        template = session.scalar(
+            select(TransferInstance.blob_sha256)
+            .join(Instance, Instance.id == TransferInstance.instance_id)
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(
+                TransferInstance.transfer_id == transfer.id,
+                Study.study_instance_uid == report.study_instance_uid,
+            )
+            .limit(1)
+        )
+        if template is None:
+            continue
+        report.lease_until = lease
+        report.attempts += 1
+        out.append(
+            ReportItem(
+                report.id,
+                report.blob_sha256,
+                report.media_type,
+                report.title,
+                report.study_instance_uid,
+                template,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    id: int
+    outcome: str  # delivered | failed | retry
+    detail: str = ""
+    sop_instance_uid: str = ""
+
+
+def record_deliveries(
+    session: Session,
+    transfer: Transfer,
+    instances: list[Outcome],
+    reports: list[Outcome],
+    actor: Actor,
+) -> None:
+    now = utcnow()
+    by_id = {o.id: o for o in instances}
+    items = (
+        session.scalars(
+            select(TransferInstance).where(
+                TransferInstance.transfer_id == transfer.id, TransferInstance.id.in_(by_id)
+            )
+        ).all()
+        if by_id
+        else []
+    )
+    delivered = failed = 0
+    failures: Counter[str] = Counter()
+    for item in items:
+        outcome = by_id[item.id]
+        if item.status != ItemStatus.pending:
+            continue  # a repeated report of the same delivery changes nothing
+        item.detail = outcome.detail[:500]
+        item.lease_until = None
+        if outcome.outcome == "delivered":
+            item.status = ItemStatus.delivered
+            item.delivered_at = now
+            transfer.bytes_delivered += item.size
+            delivered += 1
+        elif outcome.outcome == "failed":
+            item.status = ItemStatus.failed
+            failed += 1
+            failures[outcome.detail[:200]] += 1
+    transfer.instances_delivered += delivered
+    transfer.instances_failed += failed
+    if delivered and transfer.delivery_started_at is None:
+        transfer.delivery_started_at = now
+    for report in transfer.reports:
+        r = next((o for o in reports if o.id == report.id), None)
+        if r is None or report.status != ItemStatus.pending:
+            continue
+        report.lease_until = None
+        report.detail = r.detail[:500]
+        if r.outcome == "delivered":
+            report.status = ItemStatus.delivered
+            report.delivered_sop_instance_uid = r.sop_instance_uid[:64]
+        elif r.outcome == "failed":
+            report.status = ItemStatus.failed
+            failures[r.detail[:200]] += 1
+        record(
+            session,
+            f"transfer:report:{r.outcome}",
+            "success" if r.outcome == "delivered" else "failure",
+            institution_id=transfer.receiver_institution_id,
+            study_ref=report.study_instance_uid,
+            transfer_ref=transfer.id,
+            detail={"detail": r.detail[:200]},
+            **actor.audit(),
+        )
+    if delivered:
+        record(
+            session,
+            "transfer:instances:delivered",
+            institution_id=transfer.receiver_institution_id,
+            transfer_ref=transfer.id,
+            detail={"instances": delivered},
+            **actor.audit(),
+        )
+    if failures:
+        transfer.failure_reason = "; ".join(sorted(failures))[:2000]
+        record(
+            session,
+            "transfer:instances:failed",
+            "failure",
+            institution_id=transfer.receiver_institution_id,
+            transfer_ref=transfer.id,
+            detail={"failures": dict(failures)},
+            **actor.audit(),
+        )
+    retried = [o for o in instances if o.outcome == "retry"]
+    if retried:
+        record(
+            session,
+            "transfer:delivery:deferred",
+            "failure",
+            institution_id=transfer.receiver_institution_id,
+            transfer_ref=transfer.id,
+            detail={"instances": len(retried), "reason": retried[0].detail[:200]},
+            **actor.audit(),
+        )
+    refresh_status(session, transfer, actor)
+
+
+def retry_failed(session: Session, transfer: Transfer, actor: Actor) -> int:
+    """Put failed items back in the queue."""
+    count = session.execute(
+        update(TransferInstance)
+        .where(
+            TransferInstance.transfer_id == transfer.id,
+            TransferInstance.status == ItemStatus.failed,
+        )
+        .values(status=ItemStatus.pending, lease_until=None, detail="")
+    ).rowcount
+    reports = 0
+    for report in transfer.reports:
+        if report.status == ItemStatus.failed:
+            report.status, report.lease_until, report.detail = ItemStatus.pending, None, ""
+            reports += 1
+    transfer.instances_failed -= count
+    if count or reports:
+        transfer.failure_reason = ""
+        transfer.finished_at = None
+        transfer.status = TransferStatus.queued
+        refresh_status(session, transfer, actor)
+    record(
+        session,
+        "transfer:transfer:retried",
+        institution_id=transfer.sender_institution_id,
+        transfer_ref=transfer.id,
+        detail={"instances": count, "reports": reports},
+        **actor.audit(),
+    )
+    return count + reports
+
+
+def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
+    if transfer.status == TransferStatus.receiving:
+        return
+    reports = Counter(r.status for r in transfer.reports)
+    settled = transfer.instances_delivered + transfer.instances_failed
+    if settled >= transfer.instances_total and not reports[ItemStatus.pending]:
+        failed = transfer.instances_failed or reports[ItemStatus.failed]
+        new = TransferStatus.failed if failed else TransferStatus.delivered
+    elif transfer.instances_delivered or reports[ItemStatus.delivered]:
+        new = TransferStatus.delivering
+    else:
+        new = TransferStatus.queued
+    if new == transfer.status:
+        return
+    transfer.status = new
+    if new in (TransferStatus.delivered, TransferStatus.failed):
+        transfer.finished_at = utcnow()
+        record(
+            session,
+            f"transfer:transfer:{new}",
+            "success" if new == TransferStatus.delivered else "failure",
+            institution_id=transfer.receiver_institution_id,
+            transfer_ref=transfer.id,
+            detail={
+                "instances_delivered": transfer.instances_delivered,
+                "instances_failed": transfer.instances_failed,
+                "reason": transfer.failure_reason[:200],
+            },
+            **actor.audit(),
+        )
+
+
+def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
+    """The transfer as the API shows it."""
+    codes = dict(session.execute(select(Institution.id, Institution.code)).tuples().all())
+    studies = session.execute(
+        select(Study, Patient)
+        .join(TransferStudy, TransferStudy.study_id == Study.id)
+        .join(Patient, Patient.id == Study.patient_ref)
+        .where(TransferStudy.transfer_id == transfer.id)
+        .order_by(TransferStudy.id)
+    ).all()
+    return {
+        "id": transfer.id,
+        "sender": codes.get(transfer.sender_institution_id),
+        "receiver": codes.get(transfer.receiver_institution_id),
+        "priority": transfer.priority,
+        "reason": transfer.reason,
+        "status": transfer.status,
+        "origin": transfer.origin,
+        "calling_ae_title": transfer.calling_ae_title,
+        "created_by": transfer.created_by,
+        "instances_total": transfer.instances_total,
+        "instances_delivered": transfer.instances_delivered,
+        "instances_failed": transfer.instances_failed,
+        "bytes_total": transfer.bytes_total,
+        "bytes_delivered": transfer.bytes_delivered,
+        "failure_reason": transfer.failure_reason,
+        "created_at": transfer.created_at,
+        "received_at": transfer.received_at,
+        "delivery_started_at": transfer.delivery_started_at,
+        "finished_at": transfer.finished_at,
+        "studies": [
+            {
+                "study_instance_uid": s.study_instance_uid,
+                "patient_id": p.patient_id,
+                "patient_name": p.patient_name,
+                "nhs_number": p.nhs_number,
+                "study_date": s.study_date,
+                "accession_number": s.accession_number,
+                "study_description": s.study_description,
+            }
+            for s, p in studies
+        ],
+        "reports": [
+            {
+                "id": r.id,
+                "media_type": r.media_type,
+                "title": r.title,
+                "study_instance_uid": r.study_instance_uid,
+                "status": r.status,
+                "detail": r.detail,
+                "delivered_sop_instance_uid": r.delivered_sop_instance_uid,
+            }
+            for r in transfer.reports
+        ],
+    }
