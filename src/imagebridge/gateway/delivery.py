@@ -82,9 +82,14 @@ class Deliverer:
     def stop(self) -> None:
         self._stop.set()
         self._pacs_ok.set()
-        for t in self._threads:
-            if t.is_alive():
-                t.join(timeout=LONG_POLL_SECONDS + 10)
+        fetcher, sender = self._threads
+        # The sender finishes the batch it is storing. The fetcher is mostly blocked in the
+        # hub's long poll (up to LONG_POLL_SECONDS): not worth waiting for, since whatever it
+        # has leased but not handed over expires on the hub and is leased again.
+        if sender.is_alive():
+            sender.join(timeout=LONG_POLL_SECONDS + 10)
+        if fetcher.is_alive():
+            fetcher.join(timeout=1.0)
 
     def _mrn_lookup(self, nhs_number: str) -> str | None:
         return self.settings.reconciliation.mrn_map.get(nhs_number)
@@ -245,6 +250,9 @@ class Deliverer:
             log.warning("PACS delivery deferred; retrying in %.1f s", delay)
             self._hand_back_queued()
             self._stop.wait(delay)
+            # The fetcher may have queued the batch it held when the first hand-back made
+            # room: leased before a more urgent transfer was free, it must not go first.
+            self._hand_back_queued()
             self._pacs_ok.set()
         else:
             self._evict(p)

@@ -5,33 +5,36 @@ The hub keeps the instance as it was sent. The receiving gateway rewrites a copy
 delivering it: PatientID, IssuerOfPatientID, AccessionNumber and OtherPatientIDsSequence change
 (and SpecificCharacterSet, only if a new value cannot be written without it); every other data
 element keeps its exact bytes, so UIDs, private tags and pixel data reach the PACS as sent.
+
+``plan`` and ``apply`` work on a pydicom Dataset. ``reconcile_file`` makes the same decisions
+and the same changes directly on the file's bytes: pydicom takes longer to parse a CT header
+than the whole rewrite may take, and re-encoding parsed elements would risk their bytes.
 """
 
 from __future__ import annotations
 
 import errno
-import io
 import mmap
 import os
 import secrets
 import struct
 import zlib
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from pydicom.charset import convert_encodings
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.charset import convert_encodings, decode_bytes, encode_string
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import TEXT_VR_DELIMS
 
 from imagebridge.dicom.part10 import BadDataset, file_meta
 from imagebridge.nhs import normalise_nhs_number
@@ -41,6 +44,7 @@ SPECIFIC_CHARACTER_SET = 0x00080005
 ACCESSION_NUMBER = 0x00080050
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021
+TYPE_OF_PATIENT_ID = 0x00100022
 OTHER_PATIENT_IDS_SEQUENCE = 0x00101002
 RECONCILED_TAGS = frozenset(
     {ACCESSION_NUMBER, PATIENT_ID, ISSUER_OF_PATIENT_ID, OTHER_PATIENT_IDS_SEQUENCE}
@@ -49,8 +53,8 @@ RECONCILED_TAGS = frozenset(
 _LO_MAX = 64  # PatientID, IssuerOfPatientID
 _SH_MAX = 16  # AccessionNumber
 _ASCII_CHARSETS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
-# The identity lives in groups 0008 and 0010; everything after them is copied as it is.
-_LAST_REWRITTEN_GROUP = 0x0010
+_UTF8 = "ISO_IR 192"
+_Buffer = bytes | mmap.mmap
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,123 @@ class Reconciled:
     nhs_number: str | None
     original_patient_id: str
     # The sender's issuer, or the sender's code if the instance named none: the original ID
-    # is only meaningful together with who issued it.
+    # means nothing without who issued it.
     original_issuer: str
+
+
+# The decisions, shared by the Dataset functions and the byte-level rewrite.
+
+
+def _pick_nhs_number(
+    tagged: Iterable[str],
+    others: Iterable[tuple[str, str]],
+    primary: tuple[str, str],
+    policy: Reconciliation,
+) -> str | None:
+    """The first valid NHS number among the configured tag's values, the Other Patient IDs
+    (ID, issuer) issued by the NHS issuer, and the primary (ID, issuer) if the NHS issued it."""
+    candidates = list(tagged)
+    issuer = policy.nhs_number_issuer.strip()
+    # Without an issuer to match, any 10-digit ID with a lucky check digit would pass.
+    if issuer:
+        candidates += [patient_id for patient_id, by in others if by == issuer]
+        if primary[1] == issuer:
+            candidates.append(primary[0])
+    for candidate in candidates:
+        if (nhs_number := normalise_nhs_number(candidate)) is not None:
+            return nhs_number
+    return None
+
+
+def _decide(
+    original_id: str,
+    original_issuer: str,
+    accession: str,
+    nhs_number: str | None,
+    *,
+    sender_code: str,
+    receiver_code: str,
+    policy: Reconciliation,
+    mrn_lookup: Callable[[str], str | None],
+) -> Reconciled:
+    mrn = mrn_lookup(nhs_number) if nhs_number else None
+    if mrn:
+        patient_id = mrn
+    else:
+        # Unmatched IDs stay recognisably foreign, so the PACS cannot merge them into one of
+        # its own patients; cut to the 64 characters of LO.
+        patient_id = policy.unmatched_format.format(sender=sender_code, patient_id=original_id)
+        patient_id = patient_id[:_LO_MAX]
+    prefix = policy.accession_prefix.format(sender=sender_code)
+    return Reconciled(
+        patient_id=patient_id,
+        issuer_of_patient_id=policy.issuer_of_patient_id or receiver_code,
+        accession_number=_prefixed_accession(accession, prefix),
+        matched=bool(mrn),
+        nhs_number=nhs_number,
+        original_patient_id=original_id,
+        original_issuer=original_issuer or sender_code,
+    )
+
+
+def _prefixed_accession(original: str, prefix: str) -> str:
+    """``prefix + original`` within the 16 characters of SH.
+
+    When too long, the prefix (where the study came from) and the *last* characters of the
+    original are kept: accession numbers usually end in their most specific part, a running
+    count, and start with a constant site or year code. A prefix of 16 characters or more
+    leaves only the prefix, cut to 16.
+    """
+    if not original:
+        return ""  # nothing to tell apart; an invented accession would match no order
+    room = _SH_MAX - len(prefix)
+    return prefix[:_SH_MAX] if room <= 0 else prefix + original[-room:]
+
+
+def _original_item_needed(r: Reconciled, others: Iterable[tuple[str, str]]) -> bool:
+    """Whether OtherPatientIDsSequence still lacks the original (ID, issuer)."""
+    original = (r.original_patient_id, r.original_issuer)
+    return (
+        bool(r.original_patient_id)
+        and original != (r.patient_id, r.issuer_of_patient_id)
+        and original not in others
+    )
+
+
+def _character_set_for(r: Reconciled, terms: list[str]) -> list[str]:
+    """The SpecificCharacterSet terms to write the new values in: ``terms`` if they can.
+
+    IDs are nearly always ASCII, which every character set encodes; then nothing changes.
+    """
+    values = (
+        r.patient_id,
+        r.issuer_of_patient_id,
+        r.accession_number,
+        r.original_patient_id,
+        r.original_issuer,
+    )
+    if all(value.isascii() for value in values):
+        return terms
+    if all(term in _ASCII_CHARSETS for term in terms):
+        # UTF-8 leaves ASCII unchanged: the other values still read the same.
+        return [_UTF8]
+    codecs = convert_encodings(terms)
+    if not all(_encodable(ch, codecs) for value in values for ch in value):
+        raise ValueError(f"a reconciled value cannot be written in character set {terms}")
+    return terms
+
+
+def _encodable(ch: str, codecs: Iterable[str]) -> bool:
+    for codec in codecs:
+        try:
+            ch.encode(codec)
+        except (UnicodeError, LookupError):
+            continue
+        return True
+    return False
+
+
+# The Dataset functions.
 
 
 def find_nhs_number(ds: Dataset, policy: Reconciliation) -> str | None:
@@ -73,24 +192,16 @@ def find_nhs_number(ds: Dataset, policy: Reconciliation) -> str | None:
 
     Looked for, in order: the tag ``policy.nhs_number_tag`` names (if any), then an
     OtherPatientIDsSequence item issued by ``policy.nhs_number_issuer``, then PatientID if
-    that issuer issued it. The policy is the receiver's but the senders vary, so a configured
-    tag that is empty here does not hide the standard places.
+    that issuer issued it. The policy is the receiver's but senders differ, so a configured
+    tag that is empty in this instance does not hide the standard places.
     """
-    candidates: list[str] = []
-    if policy.nhs_number_tag:
-        candidates += _values(ds, _parse_tag(policy.nhs_number_tag))
-    issuer = policy.nhs_number_issuer.strip()
-    # Without an issuer to match, any 10-digit ID with a lucky check digit would pass.
-    if issuer:
-        for item in ds.get("OtherPatientIDsSequence") or ():
-            if _text(item, "IssuerOfPatientID") == issuer:
-                candidates.append(_text(item, "PatientID"))
-        if _text(ds, "IssuerOfPatientID") == issuer:
-            candidates.append(_text(ds, "PatientID"))
-    for candidate in candidates:
-        if (nhs_number := normalise_nhs_number(candidate)) is not None:
-            return nhs_number
-    return None
+    tag = policy.nhs_number_tag
+    return _pick_nhs_number(
+        _values(ds, _parse_tag(tag)) if tag else (),
+        _other_ids(ds),
+        (_text(ds, "PatientID"), _text(ds, "IssuerOfPatientID")),
+        policy,
+    )
 
 
 def plan(
@@ -102,64 +213,97 @@ def plan(
     mrn_lookup: Callable[[str], str | None],
 ) -> Reconciled:
     """Decide the local identity of ``ds`` without changing it."""
-    original_id = _text(ds, "PatientID")
-    nhs_number = find_nhs_number(ds, policy)
-    mrn = mrn_lookup(nhs_number) if nhs_number else None
-    if mrn:
-        patient_id = mrn
-    else:
-        # Unmatched IDs stay recognisably foreign, so the PACS cannot merge them into one of
-        # its own patients; the cut to 64 characters is the LO limit.
-        patient_id = policy.unmatched_format.format(sender=sender_code, patient_id=original_id)
-        patient_id = patient_id[:_LO_MAX]
-    prefix = policy.accession_prefix.format(sender=sender_code)
-    return Reconciled(
-        patient_id=patient_id,
-        issuer_of_patient_id=policy.issuer_of_patient_id or receiver_code,
-        accession_number=_prefixed_accession(_text(ds, "AccessionNumber"), prefix),
-        matched=bool(mrn),
-        nhs_number=nhs_number,
-        original_patient_id=original_id,
-        original_issuer=_text(ds, "IssuerOfPatientID") or sender_code,
+    return _decide(
+        _text(ds, "PatientID"),
+        _text(ds, "IssuerOfPatientID"),
+        _text(ds, "AccessionNumber"),
+        find_nhs_number(ds, policy),
+        sender_code=sender_code,
+        receiver_code=receiver_code,
+        policy=policy,
+        mrn_lookup=mrn_lookup,
     )
-
-
-def _prefixed_accession(original: str, prefix: str) -> str:
-    """``prefix + original`` within the 16 characters of SH.
-
-    When too long, the prefix (where the study came from) and the *last* characters of the
-    original are kept: accession numbers usually end in their most specific part, a running
-    count, while their start is a constant site or year code. A prefix of 16 characters or
-    more leaves only the prefix, cut to 16.
-    """
-    if not original:
-        return ""  # no accession to disambiguate; an invented one would match nothing
-    room = _SH_MAX - len(prefix)
-    if room <= 0:
-        return prefix[:_SH_MAX]
-    return prefix + original[-room:]
 
 
 def apply(ds: Dataset, r: Reconciled) -> None:
     """Give ``ds`` the identity ``r``, keeping the original in OtherPatientIDsSequence."""
-    _ensure_character_set(ds, r)
+    terms = _character_set(ds)
+    if (new_terms := _character_set_for(r, terms)) != terms:
+        ds.SpecificCharacterSet = new_terms[0] if len(new_terms) == 1 else new_terms
     ds.PatientID = r.patient_id
     ds.IssuerOfPatientID = r.issuer_of_patient_id
     if r.accession_number or "AccessionNumber" in ds:
         ds.AccessionNumber = r.accession_number
-    original = (r.original_patient_id, r.original_issuer)
-    if not r.original_patient_id or original == (r.patient_id, r.issuer_of_patient_id):
-        return
-    if "OtherPatientIDsSequence" not in ds:
-        ds.OtherPatientIDsSequence = Sequence()
-    items: Sequence = ds.OtherPatientIDsSequence
-    if any((_text(i, "PatientID"), _text(i, "IssuerOfPatientID")) == original for i in items):
+    if not _original_item_needed(r, _other_ids(ds)):
         return
     item = Dataset()
     item.PatientID = r.original_patient_id
     item.IssuerOfPatientID = r.original_issuer
     item.TypeOfPatientID = "TEXT"
-    items.append(item)
+    if "OtherPatientIDsSequence" in ds:
+        ds.OtherPatientIDsSequence.append(item)
+    else:
+        ds.OtherPatientIDsSequence = Sequence([item])
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _other_ids(ds: Dataset) -> list[tuple[str, str]]:
+    items = ds.get("OtherPatientIDsSequence") or ()
+    return [(_text(item, "PatientID"), _text(item, "IssuerOfPatientID")) for item in items]
+
+
+def _values(ds: Dataset, tag: BaseTag) -> list[str]:
+    """The values of an element as text, leaving the element itself unconverted."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return []
+    if isinstance(elem, RawDataElement):
+        elem = convert_raw_data_element(elem, ds=ds)
+    value: Any = elem.value
+    if isinstance(value, bytes):  # a private tag read in implicit VR is UN
+        value = value.decode("latin-1").split("\\")
+    if not isinstance(value, list | MultiValue):
+        value = [value]
+    return [str(v).strip(" \x00") for v in value if isinstance(v, str | int)]
+
+
+def _character_set(ds: Dataset) -> list[str]:
+    """The SpecificCharacterSet terms ([] if absent), leaving the element unconverted."""
+    elem = ds.get_item(SPECIFIC_CHARACTER_SET)
+    if elem is None or elem.value is None:
+        return []
+    value: Any = elem.value
+    if isinstance(value, bytes):
+        return _terms(value)
+    return [value] if isinstance(value, str) else [str(term) for term in value]
+
+
+def _terms(value: bytes) -> list[str]:
+    return [term.strip(" \x00") for term in value.decode("ascii", "replace").split("\\")]
+
+
+@lru_cache(maxsize=16)
+def _parse_tag(text: str) -> BaseTag:
+    """A tag written as "0010,1000", "(0010,1000)", "00101000" or a keyword."""
+    value = text.strip().strip("()").replace(" ", "")
+    try:
+        if "," in value:
+            group, elem = value.split(",")
+            return Tag(int(group, 16), int(elem, 16))
+        return Tag(value)
+    except ValueError as exc:
+        raise ValueError(f"nhs_number_tag {text!r} is not a DICOM tag or keyword") from exc
+
+
+# The file rewrite.
 
 
 def reconcile_file(
@@ -173,13 +317,14 @@ def reconcile_file(
 ) -> Reconciled:
     """Write to ``dst`` a copy of the Part 10 file ``src`` with the patient identity reconciled.
 
-    Only the start of the dataset (groups 0008 and 0010, plus the NHS number tag if one is
-    configured) is parsed and re-encoded; the rest of the file, pixel data included, is
-    copied from ``src`` without being decoded. A deflated dataset is inflated, rewritten the
-    same way and deflated again. ``dst`` appears complete or not at all.
+    The file meta is ImageBridge's own (``file_meta``) for the same SOP instance and transfer
+    syntax. In the dataset only groups 0008 and 0010 are rebuilt, from their original element
+    bytes and the new values; the rest, pixel data included, is copied by the kernel without
+    being read into Python. A deflated dataset is inflated, rewritten the same way and deflated
+    again. ``dst`` appears complete or not at all.
 
     Raises BadDataset if ``src`` is not a readable Part 10 file, including one whose data
-    elements are not in ascending tag order: a second PatientID further on could otherwise
+    elements are out of order or repeated: a second PatientID further on would otherwise
     reach the PACS unreconciled.
     """
     with open(src, "rb") as fh:
@@ -189,145 +334,256 @@ def reconcile_file(
             raise BadDataset("not a DICOM Part 10 file") from exc
         with buf:
             meta, start = _read_meta(buf)
-            syntax = UID(meta.get(0x00020010, ""))
+            syntax = UID(meta[0x00020010])
             if not syntax.is_transfer_syntax:
-                raise BadDataset(f"unsupported transfer syntax {syntax!r}")
-            meta_bytes = file_meta(meta.get(0x00020002, ""), meta.get(0x00020003, ""), syntax)
-            if syntax.is_deflated:
-                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                try:
-                    body = inflater.decompress(buf[start:])
-                except zlib.error as exc:
-                    raise BadDataset("unreadable deflated dataset") from exc
-                if not inflater.eof:
-                    raise BadDataset("dataset truncated")
-                head, rest, result = _rewrite(
-                    body, 0, syntax, sender_code, receiver_code, policy, mrn_lookup
-                )
-                deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-                deflated = deflater.compress(head) + deflater.compress(body[rest:])
-                deflated += deflater.flush()
-                # PS3.5 A.5: the deflated stream is padded to an even length.
-                _write_atomically(dst, meta_bytes + deflated + b"\x00" * (len(deflated) % 2))
-            else:
-                head, rest, result = _rewrite(
-                    buf, start, syntax, sender_code, receiver_code, policy, mrn_lookup
-                )
+                raise BadDataset(f"unsupported transfer syntax {syntax}")
+            meta_bytes = file_meta(meta[0x00020002], meta[0x00020003], syntax)
+            reconcile = _Rewrite(syntax, sender_code, receiver_code, policy, mrn_lookup)
+            if not syntax.is_deflated:
+                head, rest = reconcile(buf, start)
                 _write_atomically(dst, meta_bytes + head, buf, fh.fileno(), rest)
-    return result
+                return reconcile.result
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                body = inflater.decompress(buf[start:])
+            except zlib.error as exc:
+                raise BadDataset("unreadable deflated dataset") from exc
+            if not inflater.eof:
+                raise BadDataset("dataset truncated")
+    head, rest = reconcile(body, 0)
+    deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    deflated = deflater.compress(head) + deflater.compress(body[rest:]) + deflater.flush()
+    # PS3.5 A.5: an odd-length deflated stream gets one padding byte.
+    _write_atomically(dst, meta_bytes + deflated + b"\x00" * (len(deflated) % 2))
+    return reconcile.result
 
 
-def _rewrite(
-    buf: bytes | mmap.mmap,
-    start: int,
-    syntax: UID,
-    sender_code: str,
-    receiver_code: str,
-    policy: Reconciliation,
-    mrn_lookup: Callable[[str], str | None],
-) -> tuple[bytes, int, Reconciled]:
-    """The reconciled bytes replacing ``buf[start:rest]``, ``rest``, and the plan applied."""
-    order = "<" if syntax.is_little_endian else ">"
-    implicit = syntax.is_implicit_VR
-    elements = _walk(buf, start, order, implicit)
-    rest = next((s for tag, s, _ in elements if tag >> 16 > _LAST_REWRITTEN_GROUP), None)
-    if rest is None:
-        rest = elements[-1][2] if elements else start
+class _Rewrite:
+    """Rebuilds the start of one encoded dataset with the reconciled identity."""
 
-    # Parse only what the plan reads; pydicom parsing the whole header costs more than the
-    # entire rest of the rewrite.
-    wanted = {SPECIFIC_CHARACTER_SET, *RECONCILED_TAGS}
-    if policy.nhs_number_tag:
-        wanted.add(int(_parse_tag(policy.nhs_number_tag)))
-    subset = b"".join(buf[s:e] for tag, s, e in elements if tag in wanted)
-    ds = read_dataset(io.BytesIO(subset), implicit, syntax.is_little_endian)
-    charset_before = _character_set(ds)
-    result = plan(
-        ds,
-        sender_code=sender_code,
-        receiver_code=receiver_code,
-        policy=policy,
-        mrn_lookup=mrn_lookup,
-    )
-    apply(ds, result)
+    def __init__(
+        self,
+        syntax: UID,
+        sender_code: str,
+        receiver_code: str,
+        policy: Reconciliation,
+        mrn_lookup: Callable[[str], str | None],
+    ) -> None:
+        self.order = "<" if syntax.is_little_endian else ">"
+        self.implicit = syntax.is_implicit_VR
+        self.sender_code = sender_code
+        self.receiver_code = receiver_code
+        self.policy = policy
+        self.mrn_lookup = mrn_lookup
+        self.nhs_tag = int(_parse_tag(policy.nhs_number_tag)) if policy.nhs_number_tag else None
+        self.result: Reconciled
 
-    parts = {tag: buf[s:e] for tag, s, e in elements if s < rest and tag not in RECONCILED_TAGS}
-    new_tags = set(RECONCILED_TAGS)
-    if _character_set(ds) != charset_before:
-        new_tags.add(SPECIFIC_CHARACTER_SET)
-    for tag in new_tags:
-        if tag in ds:
-            parts[tag] = _encode(ds.get_item(tag), implicit, order, _character_set(ds))
-    # Retired group lengths are kept where a sender wrote them, but must count the new values.
-    for group in {tag >> 16 for tag in new_tags}:
-        if (length_tag := group << 16) in parts:
-            length = sum(len(v) for t, v in parts.items() if t >> 16 == group and t != length_tag)
-            parts[length_tag] = _encode(DataElement(length_tag, "UL", length), implicit, order)
-    return b"".join(parts[tag] for tag in sorted(parts)), rest, result
+    def __call__(self, buf: _Buffer, start: int) -> tuple[bytes, int]:
+        """The new bytes for ``buf[start:rest]``, and ``rest``: where the copy resumes."""
+        elements = _walk(buf, start, self.order, self.implicit)
+        # Groups 0008 and 0010 are rebuilt; the copy resumes at the first element after them.
+        after = bisect_left(elements, 0x00110000, key=itemgetter(0))
+        head = elements[:after]
+        rest = elements[after][1] if after < len(elements) else len(buf)
+        found = {tag: (s, v, e) for tag, s, v, e in head}
+        if self.nhs_tag is not None and self.nhs_tag not in found:
+            at = bisect_left(elements, self.nhs_tag, key=itemgetter(0))
+            if at < len(elements) and elements[at][0] == self.nhs_tag:
+                found[self.nhs_tag] = elements[at][1:]
+        charset = found.get(SPECIFIC_CHARACTER_SET)
+        terms = _terms(buf[charset[1] : charset[2]]) if charset else []
+        codecs = convert_encodings(terms or None)
+
+        def text(tag: int | None, where: dict[int, tuple[int, int, int]] = found) -> str:
+            bounds = where.get(tag) if tag is not None else None
+            return _decode(buf[bounds[1] : bounds[2]], codecs) if bounds else ""
+
+        sequence = found.get(OTHER_PATIENT_IDS_SEQUENCE)
+        items = _items(buf, *sequence, self.order, self.implicit) if sequence else []
+        others = [(text(PATIENT_ID, item), text(ISSUER_OF_PATIENT_ID, item)) for item in items]
+        primary = (text(PATIENT_ID), text(ISSUER_OF_PATIENT_ID))
+        tagged = text(self.nhs_tag).split("\\") if self.nhs_tag is not None else []
+        r = self.result = _decide(
+            *primary,
+            text(ACCESSION_NUMBER),
+            _pick_nhs_number(tagged, others, primary, self.policy),
+            sender_code=self.sender_code,
+            receiver_code=self.receiver_code,
+            policy=self.policy,
+            mrn_lookup=self.mrn_lookup,
+        )
+
+        parts = {tag: buf[s:e] for tag, s, _, e in head}
+        new_terms = _character_set_for(r, terms)
+        if new_terms != terms:
+            parts[SPECIFIC_CHARACTER_SET] = self._text(
+                SPECIFIC_CHARACTER_SET, b"CS", "\\".join(new_terms), codecs
+            )
+            codecs = convert_encodings(new_terms)
+        parts[PATIENT_ID] = self._text(PATIENT_ID, b"LO", r.patient_id, codecs)
+        parts[ISSUER_OF_PATIENT_ID] = self._text(
+            ISSUER_OF_PATIENT_ID, b"LO", r.issuer_of_patient_id, codecs
+        )
+        if r.accession_number or ACCESSION_NUMBER in found:
+            parts[ACCESSION_NUMBER] = self._text(
+                ACCESSION_NUMBER, b"SH", r.accession_number, codecs
+            )
+        if _original_item_needed(r, others):
+            parts[OTHER_PATIENT_IDS_SEQUENCE] = self._with_original(buf, sequence, r, codecs)
+        # Retired group lengths stay where a sender wrote them, but must count the new values.
+        for group in (0x0008, 0x0010):
+            if (length_tag := group << 16) in parts:
+                counted = sum(len(v) for t, v in parts.items() if t >> 16 == group)
+                counted -= len(parts[length_tag])
+                packed = struct.pack(self.order + "I", counted)
+                parts[length_tag] = self._element(length_tag, b"UL", packed)
+        return b"".join(parts[tag] for tag in sorted(parts)), rest
+
+    def _with_original(
+        self,
+        buf: _Buffer,
+        sequence: tuple[int, int, int] | None,
+        r: Reconciled,
+        codecs: list[str],
+    ) -> bytes:
+        """OtherPatientIDsSequence with an item for the original ID after the existing
+        items, which keep their bytes."""
+        if sequence is None:
+            item = self._item(r, codecs, self.implicit)
+            return self._element(OTHER_PATIENT_IDS_SEQUENCE, b"SQ", item)
+        start, value_start, end = sequence
+        # A sequence its sender could not name the VR of is UN, its items in implicit VR.
+        item = self._item(r, codecs, self.implicit or buf[start + 4 : start + 6] == b"UN")
+        (length,) = struct.unpack_from(self.order + "I", buf, value_start - 4)
+        if length == _UNDEFINED:  # before the sequence delimiter
+            return buf[start : end - 8] + item + buf[end - 8 : end]
+        header = buf[start : value_start - 4] + struct.pack(self.order + "I", length + len(item))
+        return header + buf[value_start:end] + item
+
+    def _item(self, r: Reconciled, codecs: list[str], implicit: bool) -> bytes:
+        value = (
+            self._text(PATIENT_ID, b"LO", r.original_patient_id, codecs, implicit)
+            + self._text(ISSUER_OF_PATIENT_ID, b"LO", r.original_issuer, codecs, implicit)
+            + self._text(TYPE_OF_PATIENT_ID, b"CS", "TEXT", codecs, implicit)
+        )
+        return struct.pack(self.order + "HHI", 0xFFFE, 0xE000, len(value)) + value
+
+    def _text(
+        self, tag: int, vr: bytes, value: str, codecs: list[str], implicit: bool | None = None
+    ) -> bytes:
+        raw = value.encode("ascii") if value.isascii() else encode_string(value, codecs)
+        return self._element(tag, vr, raw + b" " * (len(raw) % 2), implicit)
+
+    def _element(self, tag: int, vr: bytes, value: bytes, implicit: bool | None = None) -> bytes:
+        order = self.order
+        head = struct.pack(order + "HH", tag >> 16, tag & 0xFFFF)
+        if self.implicit if implicit is None else implicit:
+            return head + struct.pack(order + "I", len(value)) + value
+        if vr in _LONG_VRS:
+            return head + vr + struct.pack(order + "HI", 0, len(value)) + value
+        return head + vr + struct.pack(order + "H", len(value)) + value
 
 
-def _encode(
-    elem: DataElement | RawDataElement, implicit: bool, order: str, charset: Iterable[str] = ()
-) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = implicit
-    fp.is_little_endian = order == "<"
-    write_data_element(fp, elem, list(charset) or None)
-    return fp.getvalue()
+def _decode(value: bytes, codecs: list[str]) -> str:
+    """Text as pydicom reads it (each value without trailing padding), VM joined by ``\\``."""
+    text = value.decode("ascii") if value.isascii() else decode_bytes(value, codecs, TEXT_VR_DELIMS)
+    return "\\".join(v.rstrip("\x00 ") for v in text.split("\\")).strip()
 
 
-# Data element framing (PS3.5 7.1), enough to find each element's bytes without decoding.
+# Data element framing (PS3.5 7.1 and 7.5): enough to find each element's bytes without
+# decoding its value.
 
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
-_PIXEL_DATA = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # float, double, integer
+# Two upper-case letters; anything else is an implicit-VR element in an explicit-VR dataset,
+# which pydicom accepts too.
+_EXPLICIT_VRS = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91))
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def _walk(
-    buf: bytes | mmap.mmap, pos: int, order: str, implicit: bool
-) -> list[tuple[int, int, int]]:
-    """(tag, start, end) of each top-level element from ``pos`` to the pixel data."""
-    elements: list[tuple[int, int, int]] = []
+def _walk(buf: _Buffer, pos: int, order: str, implicit: bool) -> list[tuple[int, int, int, int]]:
+    """(tag, start, value start, end) of each top-level element from ``pos`` on.
+
+    Pixel data is walked over too, without being read: a truncated file is refused here
+    rather than delivered. For encapsulated pixel data that means one item header a frame.
+    """
+    # The hot loop of the rewrite: _header inlined, which makes it a third faster.
+    explicit_header, implicit_header, length_field = _HEADERS[order]
+    elements: list[tuple[int, int, int, int]] = []
     previous = -1
     size = len(buf)
     try:
         while pos < size:
-            group, elem = struct.unpack_from(order + "HH", buf, pos)
+            vr = b""
+            if implicit:
+                group, elem, length = implicit_header.unpack_from(buf, pos)
+                value_start = pos + 8
+            else:
+                group, elem, vr, length = explicit_header.unpack_from(buf, pos)
+                value_start = pos + 8
+                if vr in _LONG_VRS:
+                    (length,) = length_field.unpack_from(buf, pos + 8)
+                    value_start = pos + 12
+                elif vr not in _EXPLICIT_VRS:
+                    group, elem, length = implicit_header.unpack_from(buf, pos)
+                    vr = b""
             tag = group << 16 | elem
-            if tag in _PIXEL_DATA:
-                break
             if tag <= previous:
                 raise BadDataset(f"data element ({group:04X},{elem:04X}) out of order")
-            end = _element_end(buf, pos, order, implicit)
-            elements.append((tag, pos, end))
+            if length == _UNDEFINED or value_start + length > size:
+                end = _end(buf, value_start, length, vr, order, implicit)
+            else:
+                end = value_start + length
+            elements.append((tag, pos, value_start, end))
             previous, pos = tag, end
     except struct.error as exc:
         raise BadDataset("dataset truncated") from exc
     return elements
 
 
-def _element_end(buf: bytes | mmap.mmap, pos: int, order: str, implicit: bool) -> int:
-    vr = buf[pos + 4 : pos + 6]
-    # Like pydicom, accept an implicit-VR element inside an explicit-VR dataset.
-    if implicit or not (vr.isalpha() and vr.isupper()):
-        (length,) = struct.unpack_from(order + "I", buf, pos + 4)
-        pos += 8
-    elif vr in _LONG_VRS:
-        (length,) = struct.unpack_from(order + "I", buf, pos + 8)
-        pos += 12
+_HEADERS = {
+    order: (
+        struct.Struct(order + "HH2sH"),
+        struct.Struct(order + "HHI"),
+        struct.Struct(order + "I"),
+    )
+    for order in "<>"
+}
+
+
+def _header(buf: _Buffer, pos: int, order: str, implicit: bool) -> tuple[int, int, int, bytes]:
+    """The tag, value start, value length and VR (b"" if implicit) of the element at ``pos``."""
+    explicit_header, implicit_header, length_field = _HEADERS[order]
+    if not implicit:
+        group, elem, vr, length = explicit_header.unpack_from(buf, pos)
+        if vr in _LONG_VRS:
+            return group << 16 | elem, pos + 12, length_field.unpack_from(buf, pos + 8)[0], vr
+        if vr in _EXPLICIT_VRS:
+            return group << 16 | elem, pos + 8, length, vr
+    group, elem, length = implicit_header.unpack_from(buf, pos)
+    return group << 16 | elem, pos + 8, length, b""
+
+
+def _end(buf: _Buffer, value_start: int, length: int, vr: bytes, order: str, implicit: bool) -> int:
+    if length == _UNDEFINED:
+        # Items of a UN (a sequence its sender could not name) are in implicit VR (PS3.5 6.2.2).
+        end = _items_end(buf, value_start, order, implicit or vr == b"UN")
     else:
-        (length,) = struct.unpack_from(order + "H", buf, pos + 6)
-        pos += 8
-    end = _items_end(buf, pos, order, implicit) if length == _UNDEFINED else pos + length
+        end = value_start + length
     if end > len(buf):
         raise BadDataset("dataset truncated")
     return end
 
 
-def _items_end(buf: bytes | mmap.mmap, pos: int, order: str, implicit: bool) -> int:
+def _element_bounds(buf: _Buffer, pos: int, order: str, implicit: bool) -> tuple[int, int, int]:
+    """The tag, value start and end of the element at ``pos``."""
+    tag, value_start, length, vr = _header(buf, pos, order, implicit)
+    return tag, value_start, _end(buf, value_start, length, vr, order, implicit)
+
+
+def _items_end(buf: _Buffer, pos: int, order: str, implicit: bool) -> int:
     """Where an undefined-length value (items, then a sequence delimiter) ends."""
     while True:
         group, elem, length = struct.unpack_from(order + "HHI", buf, pos)
@@ -341,8 +597,39 @@ def _items_end(buf: bytes | mmap.mmap, pos: int, order: str, implicit: bool) -> 
             pos += length
             continue
         while struct.unpack_from(order + "HH", buf, pos) != (0xFFFE, 0xE00D):
-            pos = _element_end(buf, pos, order, implicit)
+            pos = _element_bounds(buf, pos, order, implicit)[2]
         pos += 8  # the item delimiter
+
+
+def _items(
+    buf: _Buffer, start: int, value_start: int, end: int, order: str, implicit: bool
+) -> list[dict[int, tuple[int, int, int]]]:
+    """For each item of the sequence element at ``start``: its elements' (start, value start,
+    end) by tag."""
+    implicit = implicit or buf[start + 4 : start + 6] == b"UN"
+    items: list[dict[int, tuple[int, int, int]]] = []
+    pos = value_start
+    try:
+        while pos < end:
+            group, elem, length = struct.unpack_from(order + "HHI", buf, pos)
+            pos += 8
+            if group << 16 | elem == _SEQUENCE_END:
+                break
+            if group << 16 | elem != _ITEM:
+                raise BadDataset("malformed sequence")
+            item_end = end if length == _UNDEFINED else pos + length
+            elements: dict[int, tuple[int, int, int]] = {}
+            while pos < item_end:
+                if struct.unpack_from(order + "HH", buf, pos) == (0xFFFE, 0xE00D):
+                    pos += 8
+                    break
+                tag, elem_value, elem_end = _element_bounds(buf, pos, order, implicit)
+                elements[tag] = (pos, elem_value, elem_end)
+                pos = elem_end
+            items.append(elements)
+    except struct.error as exc:
+        raise BadDataset("malformed sequence") from exc
+    return items
 
 
 def _read_meta(buf: mmap.mmap) -> tuple[dict[int, str], int]:
@@ -352,19 +639,18 @@ def _read_meta(buf: mmap.mmap) -> tuple[dict[int, str], int]:
     meta: dict[int, str] = {}
     pos = 132
     try:
-        while pos < len(buf):
-            group, elem = struct.unpack_from("<HH", buf, pos)
-            if group != 0x0002:
-                break
-            end = _element_end(buf, pos, "<", False)
-            if elem in (0x0002, 0x0003, 0x0010):
-                raw = buf[pos + 8 : end]  # UI: an 8-byte explicit VR header
-                meta[0x00020000 | elem] = raw.rstrip(b"\x00 ").decode("ascii", "replace")
+        while pos < len(buf) and struct.unpack_from("<H", buf, pos)[0] == 0x0002:
+            tag, value_start, end = _element_bounds(buf, pos, "<", False)
+            meta[tag] = buf[value_start:end].rstrip(b"\x00 ").decode("ascii", "replace")
             pos = end
     except struct.error as exc:
         raise BadDataset("file meta truncated") from exc
-    for elem, name in ((0x0002, "SOP class"), (0x0003, "SOP instance"), (0x0010, "syntax")):
-        if not meta.get(0x00020000 | elem):
+    for tag, name in (
+        (0x00020002, "SOP class"),
+        (0x00020003, "SOP instance"),
+        (0x00020010, "syntax"),
+    ):
+        if not meta.get(tag):
             raise BadDataset(f"file meta lacks the {name} UID")
     return meta, pos
 
@@ -389,7 +675,7 @@ def _write_atomically(
 
 
 def _copy(src: mmap.mmap, src_fd: int, fd: int, offset: int) -> None:
-    """The bytes from ``offset`` on, in the kernel where it can (no copy through Python)."""
+    """``src[offset:]`` into ``fd``, in the kernel where it can (no copy through Python)."""
     count = len(src) - offset
     if hasattr(os, "sendfile"):
         try:
@@ -410,92 +696,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-# Reading values.
-
-
-@lru_cache(maxsize=16)
-def _parse_tag(text: str) -> BaseTag:
-    """A tag written as "0010,1000", "(0010,1000)", "00101000" or a keyword."""
-    value = text.strip().strip("()").replace(" ", "")
-    try:
-        if "," in value:
-            group, elem = value.split(",")
-            return Tag(int(group, 16), int(elem, 16))
-        return Tag(value)
-    except ValueError as exc:
-        raise ValueError(f"nhs_number_tag {text!r} is not a DICOM tag or keyword") from exc
-
-
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()
-
-
-def _values(ds: Dataset, tag: BaseTag) -> list[str]:
-    """The string values of an element, without converting it in place (keeping it raw)."""
-    elem = ds.get_item(tag)
-    if elem is None:
-        return []
-    if isinstance(elem, RawDataElement):
-        elem = convert_raw_data_element(elem, ds=ds)
-    value: Any = elem.value
-    if isinstance(value, bytes):  # e.g. a private tag read in implicit VR: UN
-        value = value.decode("latin-1").split("\\")
-    if not isinstance(value, list | MultiValue):
-        value = [value]
-    return [str(v).strip(" \x00") for v in value if isinstance(v, str | int)]
-
-
-def _character_set(ds: Dataset) -> list[str]:
-    """The dataset's SpecificCharacterSet defined terms ([] if absent), read without
-    converting the element, so that an unchanged one keeps its bytes."""
-    elem = ds.get_item(SPECIFIC_CHARACTER_SET)
-    if elem is None or elem.value is None:
-        return []
-    value: Any = elem.value
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace").split("\\")
-    elif isinstance(value, str):
-        value = [value]
-    return [str(term).strip(" \x00") for term in value]
-
-
-def _ensure_character_set(ds: Dataset, r: Reconciled) -> None:
-    """Make sure the dataset's character set can encode the new values.
-
-    IDs are nearly always ASCII, which every character set encodes: then nothing changes.
-    """
-    values = (
-        r.patient_id,
-        r.issuer_of_patient_id,
-        r.accession_number,
-        r.original_patient_id,
-        r.original_issuer,
-    )
-    if all(v.isascii() for v in values):
-        return
-    terms = _character_set(ds)
-    if all(term in _ASCII_CHARSETS for term in terms):
-        # UTF-8 leaves ASCII unchanged, so the other values (written in ASCII) still read
-        # the same while the new ones become representable.
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        return
-    codecs = convert_encodings(terms)
-    if not all(_encodable(ch, codecs) for v in values for ch in v):
-        raise ValueError(f"a reconciled value cannot be written in character set {terms}")
-
-
-def _encodable(ch: str, codecs: Iterable[str]) -> bool:
-    for codec in codecs:
-        try:
-            ch.encode(codec)
-        except (UnicodeError, LookupError):
-            continue
-        return True
-    return False

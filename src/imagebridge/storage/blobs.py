@@ -5,6 +5,7 @@ Implementations are chosen by a setting; the local folder is the embedded defaul
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import tempfile
@@ -40,6 +41,12 @@ class BlobStore(Protocol):
     def exists(self, sha256: str) -> bool: ...
 
     def writer(self) -> BlobWriter: ...
+
+    def commit_batch(
+        self, items: list[tuple[BlobWriter, str | None]]
+    ) -> list[tuple[str, int] | BlobMismatch]:
+        """Commit several writers at once (cheaper than one by one); a result per item."""
+        ...
 
     def open(self, sha256: str) -> BinaryIO: ...
 
@@ -84,6 +91,18 @@ class LocalBlobWriter:
         _fsync_dir(final.parent)
         return digest, self._size
 
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> Path:
+        self._file.close()
+        return self._tmp
+
     def abort(self) -> None:
         if not self._file.closed:
             self._file.close()
@@ -107,11 +126,57 @@ class LocalBlobStore:
     def writer(self) -> LocalBlobWriter:
         return LocalBlobWriter(self)
 
+    def commit_batch(
+        self, items: list[tuple[BlobWriter, str | None]]
+    ) -> list[tuple[str, int] | BlobMismatch]:
+        """Two filesystem syncs for the whole batch instead of two fsyncs per blob.
+
+        Contents are synced before any blob gets its final name, and names are synced
+        before returning: a file under its digest is therefore always complete, which is
+        what lets ``commit`` skip content it already has.
+        """
+        results: list[tuple[str, int] | BlobMismatch] = []
+        moves: list[tuple[Path, Path]] = []
+        for writer, expected in items:
+            assert isinstance(writer, LocalBlobWriter)
+            digest, size = writer.digest, writer.size
+            if expected is not None and digest != expected:
+                writer.abort()
+                results.append(BlobMismatch(f"content hashes to {digest}, not {expected}"))
+                continue
+            final = self.path_for(digest)
+            if final.exists() or any(f == final for _, f in moves):
+                writer.abort()
+            else:
+                moves.append((writer.close(), final))
+            results.append((digest, size))
+        if moves:
+            _syncfs(self.root)
+            for tmp, final in moves:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+            _syncfs(self.root)
+        return results
+
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path_for(sha256), "rb")
 
     def local_path(self, sha256: str) -> Path | None:
         return self.path_for(sha256)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush every dirty page and inode of the filesystem holding path (Linux syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -245,7 +245,7 @@ def _store_report(
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender")
         sha, size = writer.commit()
-        _ensure_blob_row(session, sha, size)
+        _ensure_blob_rows(session, {sha: size})
         try:
             report = services.add_report(
                 session,
@@ -265,10 +265,10 @@ def _store_report(
     return out
 
 
-def _ensure_blob_row(session: Session, sha: str, size: int) -> None:
-    if session.get(Blob, sha) is None:
-        session.add(Blob(sha256=sha, size=size))
-        session.flush()
+def _ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
+    held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(sizes))))
+    session.add_all(Blob(sha256=sha, size=size) for sha, size in sizes.items() if sha not in held)
+    session.flush()
 
 
 @router.post(
@@ -321,25 +321,27 @@ def _ingest(
 ) -> dict[str, Any]:
     refused: list[dict[str, str]] = []
     ready: list[tuple[Header, str, int]] = []
+    checked: list[tuple[Header, str, BlobWriter]] = []
     for sha, writer in staged:
         try:
             if writer is None:
                 path = hub.blobs.local_path(sha)
                 if path is None or not hub.blobs.exists(sha):
                     raise BadDataset("the hub does not hold this blob; send its bytes")
-                header = read_header(path)
-                size = path.stat().st_size
+                ready.append((read_header(path), sha, path.stat().st_size))
             else:
-                header = read_header(writer.staged_path())
-                sha, size = writer.commit(expected_sha256=sha)
-        except (BadDataset, BlobMismatch) as exc:
+                checked.append((read_header(writer.staged_path()), sha, writer))
+        except BadDataset as exc:
             refused.append({"sha256": sha, "reason": str(exc)})
-            continue
-        ready.append((header, sha, size))
+    committed = hub.blobs.commit_batch([(w, sha) for _, sha, w in checked])
+    for (header, sha, _), outcome in zip(checked, committed, strict=True):
+        if isinstance(outcome, BlobMismatch):
+            refused.append({"sha256": sha, "reason": str(outcome)})
+        else:
+            ready.append((header, outcome[0], outcome[1]))
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender")
-        for _, sha, size in ready:
-            _ensure_blob_row(session, sha, size)
+        _ensure_blob_rows(session, {sha: size for _, sha, size in ready})
         try:
             result = services.add_instances(session, transfer, ready, actor)
         except TransferError as exc:
