@@ -209,18 +209,18 @@ def main() -> int:
     print(f"study: {len(files)} slices 512x512, {mb:.0f} MB; {args.runs} runs each, median")
 
     direct, d_all = median_of(args.runs, lambda: run_direct(files, work))
-    print(f"DCMTK direct   storescu -> storescp:                 {direct:6.2f} s  {_fmt(d_all)}")
+    _row("DCMTK direct", "storescu -> storescp", direct, d_all)
     orthanc = None
     if not args.skip_orthanc:
         orthanc, o_all = median_of(args.runs, lambda: run_orthanc(files, work))
-        print(f"Orthanc relay  storescu -> Orthanc -> storescp:      {orthanc:6.2f} s  {_fmt(o_all)}")
+        _row("Orthanc relay", "storescu -> Orthanc -> storescp", orthanc, o_all)
     ib = ImageBridge(work)
     try:
         ours, i_all = median_of(args.runs, lambda: ib.run(files))
         peaks = ib.peaks()
     finally:
         ib.close()
-    print(f"ImageBridge    storescu -> gw A -> hub -> gw B -> storescp: {ours:6.2f} s  {_fmt(i_all)}")
+    _row("ImageBridge", "storescu -> gw A -> hub -> gw B -> storescp", ours, i_all)
     print(f"throughput     ImageBridge {mb / ours:6.1f} MB/s, {len(files) / ours:6.1f} instances/s")
     print(f"ratio          ImageBridge / DCMTK direct = {ours / direct:.2f}")
     if orthanc is not None:
@@ -231,8 +231,9 @@ def main() -> int:
     return 0
 
 
-def _fmt(times: list[float]) -> str:
-    return "(" + ", ".join(f"{t:.2f}" for t in times) + ")"
+def _row(name: str, path: str, median: float, times: list[float]) -> None:
+    runs = ", ".join(f"{t:.2f}" for t in times)
+    print(f"{name:14} {path:45} {median:6.2f} s  ({runs})")
 
 
 if __name__ == "__main__":

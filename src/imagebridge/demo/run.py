@@ -44,9 +44,7 @@ def run_demo(folder: Path | None, *, slices: int, keep_running: bool) -> int:
             ],
             reconciliation={"mrn_map": {NHS_NUMBER: MRN_AT_RECEIVER}},
         )
-        click.echo(
-            f"hub {net.hub_url} (API docs {net.hub_url}/docs); admin token in {folder}/hub/admin-token"
-        )
+        click.echo(f"hub {net.hub_url} (API docs at /docs); admin token in hub/admin-token")
 
         click.echo(f"generating a synthetic CT of {slices} slices at {SENDER} ...")
         study = generate_ct_study(folder / "study-at-SEG", slices=slices, patient_id="SEG778899")

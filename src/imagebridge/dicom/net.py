@@ -23,7 +23,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification
 
 # Every syntax a gateway accepts as received; it never asks a sender to transcode.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -43,7 +42,10 @@ ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     RLELossless,
 ]
 
-STORAGE_SOP_CLASSES: list[str] = [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+VERIFICATION = "1.2.840.10008.1.1"
+STORAGE_SOP_CLASSES: list[str] = [
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax
+]
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -53,7 +55,8 @@ def set_nodelay(sock: socket.socket | None) -> None:
 
 
 def _on_conn_open(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket)
+    if event.assoc.dul.socket is not None:
+        set_nodelay(event.assoc.dul.socket.socket)
 
 
 NODELAY_HANDLERS: list[evt.EventHandlerType] = [(evt.EVT_CONN_OPEN, _on_conn_open)]
@@ -63,7 +66,7 @@ def storage_scp_ae(ae_title: str, max_pdu: int = 1_048_576) -> AE:
     """An AE that accepts verification and every storage SOP class in every common syntax."""
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = max_pdu
-    ae.add_supported_context(Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     return ae

@@ -102,6 +102,7 @@ def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None
     else:
         fp = source
     try:
+        ds: Dataset
         if transfer_syntax_uid is None:
             ds = dcmread(fp, stop_before_pixels=True)
             transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)

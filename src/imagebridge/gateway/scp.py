@@ -16,6 +16,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from imagebridge.dicom.net import set_nodelay, storage_scp_ae
 from imagebridge.dicom.part10 import BadDataset, read_header
@@ -73,7 +74,7 @@ class StorageSCP:
         self._server: Any = None
 
     def start(self) -> int:
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -94,12 +95,15 @@ class StorageSCP:
             self._server = None
 
     def _on_open(self, event: evt.Event) -> None:
-        set_nodelay(event.assoc.dul.socket.socket)
+        if event.assoc.dul.socket is not None:
+            set_nodelay(event.assoc.dul.socket.socket)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: Association = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
         address = assoc.requestor.address
         known = [
             n
@@ -139,7 +143,9 @@ class StorageSCP:
         self, assoc: Association, diagnostic: int, calling: str, called: str, address: str, why: str
     ) -> None:
         assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-        assoc.is_rejected = True
+        # As pynetdicom does for its own rejections: wait until the DUL has sent the
+        # A-ASSOCIATE-RJ, or the socket is shut down first and the peer sees only an abort.
+        assoc.kill()
         log.warning("association refused: %s", why)
         self.journal.write(
             "dicom:association:refused",
@@ -161,6 +167,7 @@ class StorageSCP:
         if route is None:
             return self._refuse(state, NO_ROUTE, "no route: send to a routing AE title", "", "")
         request = event.request
+        assert isinstance(request, C_STORE) and request.DataSet is not None
         syntax = str(event.context.transfer_syntax)
         raw: bytes = request.DataSet.getvalue()
         try:

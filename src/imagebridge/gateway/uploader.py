@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
@@ -109,14 +110,14 @@ class Uploader:
         self.spool.set_hub_id(t, made["id"])
         return True
 
-    def _upload(self, t: Outbound, batch: list[tuple[str, object]]) -> None:
+    def _upload(self, t: Outbound, batch: list[tuple[str, Path]]) -> None:
         assert t.hub_id is not None
         shas = [sha for sha, _ in batch]
         try:
             missing = self.hub.missing(shas)
             result = self.hub.upload(
                 t.hub_id,
-                [(sha, path if sha in missing else None) for sha, path in batch],  # type: ignore[misc]
+                [(sha, path if sha in missing else None) for sha, path in batch],
             )
         except HubUnavailable:
             self.spool.release(t, shas)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -157,10 +158,8 @@ async def work(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return {"transfer": None, "instances": [], "reports": []}
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
-        except TimeoutError:
-            pass
 
 
 @router.post("/gateway/audit", status_code=201)

@@ -514,14 +514,15 @@ def record_deliveries(
 
 def retry_failed(session: Session, transfer: Transfer, actor: Actor) -> int:
     """Put failed items back in the queue."""
-    count = session.execute(
+    result = session.execute(
         update(TransferInstance)
         .where(
             TransferInstance.transfer_id == transfer.id,
             TransferInstance.status == ItemStatus.failed,
         )
         .values(status=ItemStatus.pending, lease_until=None, detail="")
-    ).rowcount
+    )
+    count: int = getattr(result, "rowcount", 0)
     reports = 0
     for report in transfer.reports:
         if report.status == ItemStatus.failed:
