@@ -108,6 +108,28 @@ class Reconciliation(BaseModel):
         default_factory=dict, description="NHS number -> local MRN (until the patient index)"
     )
 
+    @field_validator("mrn_map")
+    @classmethod
+    def _nhs_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        from imagebridge.nhs import normalise_nhs_number
+
+        out: dict[str, str] = {}
+        for key, mrn in value.items():
+            nhs = normalise_nhs_number(key)
+            if nhs is None:
+                raise ValueError(f"mrn_map key {key!r} is not a valid NHS number")
+            out[nhs] = mrn
+        return out
+
+    @field_validator("unmatched_format", "accession_prefix")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        try:
+            value.format(sender="X", patient_id="Y")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("only {sender} and {patient_id} may be used") from exc
+        return value
+
 
 class GatewaySettings(_TomlSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_GATEWAY_", env_nested_delimiter="__")
