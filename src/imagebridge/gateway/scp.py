@@ -184,6 +184,11 @@ class StorageSCP:
                 header.text("PatientID"),
                 header.study_instance_uid,
             )
+        if not header.text("PatientID").strip():
+            # Every ID-less instance would land under one "EXT-<sender>-" patient.
+            return self._refuse(
+                state, CANNOT_UNDERSTAND, "no PatientID: cannot be filed safely", "", ""
+            )
         priority = "urgent" if request.Priority == 1 else route.priority  # 1 = HIGH
         try:
             self.spool.accept(
