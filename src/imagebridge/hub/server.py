@@ -20,6 +20,9 @@ def make_server(settings: HubSettings, log_level: str = "warning") -> uvicorn.Se
         log_level=log_level,
         access_log=False,  # request paths are fine, but keep the log about the service
         timeout_keep_alive=75,
+        # Gateways' long polls would hold a stop for up to inbox_wait_seconds; an upload cut
+        # short here is safe: the gateway still holds it in its spool and sends it again.
+        timeout_graceful_shutdown=5,
     )
     return uvicorn.Server(config)
 
