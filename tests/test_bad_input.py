@@ -470,3 +470,28 @@ def test_a_gateway_cannot_touch_another_institutions_transfer(
     assert state["status"] == "receiving" and state["instances_total"] == 0
     assert state["reports"] == []
     assert_hub_healthy(net)
+
+
+def test_refused_requests_are_audited(net: Network, tokens: dict[str, str]) -> None:
+    after = last_audit_id(net)
+    transfer_id = open_transfer(net, tokens["SEG"])
+    with client(net, "ibg_forged") as c:
+        assert c.get(f"/api/v1/transfers/{transfer_id}").status_code == 401
+    with client(net, tokens["SEG"]) as c:
+        r = c.post(
+            f"/api/v1/transfers/{transfer_id}/reports",
+            content=b"x",
+            headers={"Content-Type": "image/png"},
+        )
+        assert r.status_code == 415
+    path = f"/api/v1/transfers/{transfer_id}"
+    unauthorised = wait_for_audit(
+        net, "http:request:refused", after, lambda e: e["detail"]["status"] == 401
+    )
+    assert unauthorised["outcome"] == "refused"
+    assert unauthorised["detail"]["path"] == path
+    assert unauthorised["source_address"] == "127.0.0.1"
+    wrong_type = wait_for_audit(
+        net, "http:request:refused", after, lambda e: e["detail"]["status"] == 415
+    )
+    assert "pdf" in wrong_type["detail"]["reason"]

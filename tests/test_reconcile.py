@@ -37,7 +37,9 @@ from imagebridge.settings import Reconciliation
 
 NHS = "9434765919"
 MRN = "RGT0001234"
-POLICY = Reconciliation(mrn_map={NHS: MRN, "9434765918": "MUST-NOT-MATCH"})
+# Settings refuse an invalid NHS number as a key (see the test below); built unvalidated here
+# to prove that reconciliation itself never looks an invalid number up.
+POLICY = Reconciliation.model_construct(mrn_map={NHS: MRN, "9434765918": "MUST-NOT-MATCH"})
 SENDER, RECEIVER = "RXH", "RGT"
 GROUP_LENGTHS = {0x00080000, 0x00100000}
 
@@ -286,7 +288,7 @@ def test_unmatched_gets_a_recognisably_foreign_id() -> None:
 
 def test_issuer_is_the_policy_issuer_or_the_receiver_code() -> None:
     assert plan_for(ct_slice()).issuer_of_patient_id == RECEIVER
-    policy = Reconciliation(issuer_of_patient_id="RGT-PAS", mrn_map=POLICY.mrn_map)
+    policy = Reconciliation(issuer_of_patient_id="RGT-PAS", mrn_map={NHS: MRN})
     assert plan_for(ct_slice(), policy).issuer_of_patient_id == "RGT-PAS"
 
 
@@ -335,7 +337,7 @@ def test_apply_without_issuer_or_accession() -> None:
 def test_nhs_number_from_a_configured_tag(tag: str) -> None:
     ds = ct_slice(nhs_number=None)
     ds.OtherPatientIDs = ["X-1", "943 476 5919"]
-    policy = Reconciliation(nhs_number_tag=tag, mrn_map=POLICY.mrn_map)
+    policy = Reconciliation(nhs_number_tag=tag, mrn_map={NHS: MRN})
     assert find_nhs_number(ds, policy) == NHS
     assert plan_for(ds, policy).patient_id == MRN
     assert find_nhs_number(ds, POLICY) is None  # not looked at unless configured
@@ -446,7 +448,7 @@ def test_nhs_number_in_a_private_tag_of_an_implicit_file(tmp_path: Path) -> None
     ds = ct_slice(nhs_number=None)
     ds.add_new(0x00291011, "LO", "943-476-5919")
     src = hub_store(tmp_path / "src.dcm", encode(ds, ImplicitVRLittleEndian))
-    policy = Reconciliation(nhs_number_tag="0029,1011", mrn_map=POLICY.mrn_map)
+    policy = Reconciliation(nhs_number_tag="0029,1011", mrn_map={NHS: MRN})
     assert reconcile(src, tmp_path / "dst.dcm", policy).patient_id == MRN
     assert find_nhs_number(dcmread(src), policy) == NHS
     assert_only_identity_changed(src, tmp_path / "dst.dcm")
@@ -486,7 +488,7 @@ def test_character_sets(tmp_path: Path) -> None:
     ds = ct_slice()
     del ds.SpecificCharacterSet
     src = hub_store(tmp_path / "ascii.dcm", encode(ds))
-    policy = Reconciliation(issuer_of_patient_id="Hôpital", mrn_map=POLICY.mrn_map)
+    policy = Reconciliation(issuer_of_patient_id="Hôpital", mrn_map={NHS: MRN})
     reconcile(src, tmp_path / "ascii-out.dcm", policy)
     got = dcmread(tmp_path / "ascii-out.dcm")
     assert (got.IssuerOfPatientID, got.SpecificCharacterSet) == ("Hôpital", "ISO_IR 192")
@@ -591,3 +593,9 @@ def test_an_instance_without_patient_id(tmp_path: Path) -> None:
     assert (got.PatientID, got.IssuerOfPatientID) == ("EXT-RXH-", RECEIVER)
     assert "OtherPatientIDsSequence" not in got  # nothing worth keeping
     assert_only_identity_changed(src, tmp_path / "dst.dcm")
+
+
+def test_settings_refuse_an_invalid_nhs_number_in_the_map() -> None:
+    with pytest.raises(ValueError, match="not a valid NHS number"):
+        Reconciliation(mrn_map={"9434765918": "X"})
+    assert Reconciliation(mrn_map={"943 476 5919": "X"}).mrn_map == {"9434765919": "X"}

@@ -98,7 +98,17 @@ class Deliverer:
 
     def _fetch_loop(self) -> None:
         hub_backoff = Backoff(self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
+        released = False
         while not self._stop.is_set():
+            if not released:
+                # Work leased by this gateway before a restart would wait for its lease.
+                try:
+                    self.hub.release_leases()
+                    released = True
+                except (HubUnavailable, HubError) as exc:
+                    self._stop.wait(hub_backoff.failed())
+                    log.warning("cannot reach the hub (%s)", exc)
+                    continue
             # While the PACS is down, wait instead of leasing work that cannot be delivered.
             self._pacs_ok.wait()
             try:

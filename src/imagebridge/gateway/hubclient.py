@@ -84,6 +84,11 @@ class HubClient:
         )
         return result
 
+    def release_leases(self) -> int:
+        result = self._call("POST", "/api/v1/gateway/work/release")
+        released: int = result["released"]
+        return released
+
     def download(self, digests: list[str], folder: Path) -> dict[str, Path]:
         """Fetch blobs into folder (named by digest), checking each digest on arrival."""
         import hashlib

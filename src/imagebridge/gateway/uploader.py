@@ -127,6 +127,9 @@ class Uploader:
             log.error("hub refused a batch: %s", exc)
             for sha in shas:
                 self.spool.refuse(t, sha, str(exc))
+            self.journal.write(
+                "transfer:instances:refused", "failure", instances=len(shas), reason=str(exc)
+            )
             return
         self.spool.uploaded(t, result["accepted"])
         for refused in result["refused"]:

@@ -6,10 +6,18 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagebridge import __version__
 from imagebridge.audit.routes import router as audit_router
+from imagebridge.audit.services import record
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
@@ -30,6 +38,39 @@ def create_app(hub: Hub) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.hub = hub
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        await run_in_threadpool(_audit_refusal, hub, request, exc.status_code, str(exc.detail))
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        reason = "; ".join(str(e.get("msg", "")) for e in exc.errors())[:300]
+        await run_in_threadpool(_audit_refusal, hub, request, 422, reason)
+        return await request_validation_exception_handler(request, exc)
+
     for router in (gateway_router, directory_router, transfers_router, audit_router):
         app.include_router(router)
     return app
+
+
+def _audit_refusal(hub: Hub, request: Request, status: int, reason: str) -> None:
+    """Every refused request is evidence too: who tried what, from where, and why not."""
+    if status < 400 or status >= 500:
+        return
+    with hub.sessions() as session, session.begin():
+        record(
+            session,
+            "http:request:refused",
+            "refused" if status in (401, 403) else "failure",
+            actor_type="unknown",
+            source_address=request.client.host if request.client else "",
+            # The path only: query strings may name studies or patients.
+            detail={
+                "method": request.method,
+                "path": request.url.path,
+                "status": status,
+                "reason": reason[:300],
+            },
+        )

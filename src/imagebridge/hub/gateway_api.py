@@ -28,7 +28,8 @@ from imagebridge.transfers.models import Report, Transfer, TransferInstance
 
 router = APIRouter(prefix="/api/v1", tags=["gateway protocol"])
 HubDep = Annotated[Hub, Depends(get_hub)]
-LEASE_SECONDS = 300.0
+# Long enough for a batch to reach a slow PACS; a lease a gateway abandons comes back after it.
+LEASE_SECONDS = 120.0
 # Long polls recheck the database this often, to see work queued by other hub processes.
 RECHECK_SECONDS = 0.5
 
@@ -160,6 +161,16 @@ async def work(
             return {"transfer": None, "instances": [], "reports": []}
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+
+
+@router.post("/gateway/work/release")
+def release(actor: GatewayActor, hub: HubDep) -> dict[str, int]:
+    """A starting gateway hands back whatever it had leased before it stopped."""
+    with hub.sessions() as session, session.begin():
+        assert actor.institution_id is not None
+        count = services.release_leases(session, actor.institution_id)
+    hub.notifier.nudge(actor.institution_id)
+    return {"released": count}
 
 
 @router.post("/gateway/audit", status_code=201)

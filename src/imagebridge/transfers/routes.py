@@ -200,6 +200,8 @@ async def attach_report(
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in services.REPORT_MEDIA_TYPES:
         raise HTTPException(415, "a report is application/pdf or text/plain")
+    # Who may attach is settled before a byte of the body is read.
+    await run_in_threadpool(_check_sender, hub, transfer_id, actor)
     writer = hub.blobs.writer()
     size = 0
     head = b""
@@ -217,6 +219,11 @@ async def attach_report(
         )
     finally:
         writer.abort()
+
+
+def _check_sender(hub: Hub, transfer_id: str, actor: Actor) -> None:
+    with hub.sessions() as session:
+        _load(session, transfer_id, actor, "sender")
 
 
 def _check_report(media_type: str, head: bytes, size: int, path: Path) -> None:
@@ -244,6 +251,11 @@ def _store_report(
 ) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender")
+        try:
+            # Refuse before storing: a refused report leaves no blob behind.
+            study_uid = services.report_study(session, transfer, study_uid)
+        except TransferError as exc:
+            raise HTTPException(409, str(exc)) from exc
         sha, size = writer.commit()
         _ensure_blob_rows(session, {sha: size})
         try:

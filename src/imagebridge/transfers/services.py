@@ -237,13 +237,7 @@ def add_report(
 ) -> Report:
     if media_type not in REPORT_MEDIA_TYPES:
         raise TransferError("a report is application/pdf or text/plain")
-    uids = study_uids(session, transfer)
-    if study_instance_uid is None:
-        if len(uids) != 1:
-            raise TransferError("the transfer carries several studies (or none yet): name one")
-        study_instance_uid = uids[0]
-    elif study_instance_uid not in uids:
-        raise TransferError("the transfer does not carry that study")
+    study_instance_uid = report_study(session, transfer, study_instance_uid)
     report = Report(
         transfer_id=transfer.id,
         study_instance_uid=study_instance_uid,
@@ -268,6 +262,18 @@ def add_report(
         transfer.finished_at = None
         transfer.status = TransferStatus.delivering
     return report
+
+
+def report_study(session: Session, transfer: Transfer, study_instance_uid: str | None) -> str:
+    """The study a report goes into: the one named, or the transfer's only study."""
+    uids = study_uids(session, transfer)
+    if study_instance_uid is None:
+        if len(uids) != 1:
+            raise TransferError("the transfer carries several studies (or none yet): name one")
+        return uids[0]
+    if study_instance_uid not in uids:
+        raise TransferError("the transfer does not carry that study")
+    return study_instance_uid
 
 
 def study_uids(session: Session, transfer: Transfer) -> list[str]:
@@ -407,6 +413,29 @@ def _report_work(session: Session, transfer: Transfer, lease: Any) -> list[Repor
             )
         )
     return out
+
+
+def release_leases(session: Session, receiver_id: int) -> int:
+    """Clear the leases on an institution's undelivered items (its gateway restarted)."""
+    mine = select(Transfer.id).where(
+        Transfer.receiver_institution_id == receiver_id, Transfer.status.in_(OPEN_STATUSES)
+    )
+    result = session.execute(
+        update(TransferInstance)
+        .where(
+            TransferInstance.transfer_id.in_(mine),
+            TransferInstance.status == ItemStatus.pending,
+            TransferInstance.lease_until.is_not(None),
+        )
+        .values(lease_until=None)
+    )
+    session.execute(
+        update(Report)
+        .where(Report.transfer_id.in_(mine), Report.status == ItemStatus.pending)
+        .values(lease_until=None)
+    )
+    count: int = getattr(result, "rowcount", 0)
+    return count
 
 
 @dataclass(frozen=True)
