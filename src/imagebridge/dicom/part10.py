@@ -109,14 +109,13 @@ def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None
         else:
             ds = _read_bare(fp, transfer_syntax_uid)
         for keyword in REQUIRED_UIDS:
-            # Touch each so that a truncated or corrupt element fails here, not later.
             value = str(ds.get(keyword, "") or "").strip()
             if not value:
                 raise BadDataset(f"missing {keyword}")
             if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
                 raise BadDataset(f"invalid {keyword}")
-        for elem in ds:
-            _ = elem.value
+        # Values stay raw (converting them all costs more than the rest of the path): the
+        # structure was walked to the end, which is what storing the bytes depends on.
         if not UID(transfer_syntax_uid).is_deflated:
             _check_tail(fp, UID(transfer_syntax_uid))
     except BadDataset:

@@ -53,6 +53,8 @@ class Series(Base):
     series_number: Mapped[str] = mapped_column(String(12), default="")
     series_description: Mapped[str] = mapped_column(String(64), default="")
 
+    study: Mapped[Study] = relationship()
+
 
 class Instance(Base):
     __tablename__ = "instances"

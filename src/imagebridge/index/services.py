@@ -17,15 +17,15 @@ class IdentityConflict(ValueError):
 
 
 @dataclass
-class IndexCache:
-    """Rows already looked up in this transaction: a batch usually holds one study."""
+class _Cache:
+    """Rows already looked up in this batch: a batch usually holds one study."""
 
     patients: dict[tuple[str, str], Patient] = field(default_factory=dict)
     studies: dict[str, Study] = field(default_factory=dict)
     series: dict[tuple[int, str], Series] = field(default_factory=dict)
 
 
-def _nhs_number(header: Header, nhs_issuer: str) -> str | None:
+def nhs_number_of(header: Header, nhs_issuer: str) -> str | None:
     ds = header.dataset
     if str(ds.get("IssuerOfPatientID", "")) == nhs_issuer:
         return normalise_nhs_number(str(ds.get("PatientID", "")))
@@ -35,49 +35,105 @@ def _nhs_number(header: Header, nhs_issuer: str) -> str | None:
     return None
 
 
-def index_instance(
+def _patient_key(header: Header) -> tuple[str, str]:
+    return header.text("IssuerOfPatientID")[:64], header.text("PatientID")[:64]
+
+
+def index_instances(
     session: Session,
     institution_id: int,
-    header: Header,
-    blob_sha256: str,
-    size: int,
-    cache: IndexCache,
+    items: list[tuple[Header, str, int]],
     nhs_issuer: str = "NHS",
-) -> Instance:
-    patient = _patient(session, institution_id, header, cache, nhs_issuer)
-    study = _study(session, institution_id, patient, header, cache)
-    series = _series(session, study, header, cache)
-    instance = session.scalar(
-        select(Instance).where(
-            Instance.series_id == series.id,
-            Instance.sop_instance_uid == header.sop_instance_uid,
-        )
-    )
-    if instance is None:
-        instance = Instance(series_id=series.id, sop_instance_uid=header.sop_instance_uid)
-        session.add(instance)
-    instance.sop_class_uid = header.sop_class_uid
-    instance.transfer_syntax_uid = header.transfer_syntax_uid
-    instance.instance_number = header.text("InstanceNumber")[:12]
-    instance.blob_sha256 = blob_sha256
-    instance.size = size
+) -> list[Instance | IdentityConflict]:
+    """Index a batch of (header, blob digest, size); one result per item, in order.
+
+    An item whose study is filed under another patient is refused before anything of it
+    is written, so a refusal leaves no partial record.
+    """
+    cache = _Cache()
+    placed: list[tuple[Series, Header, str, int] | IdentityConflict] = []
+    for header, sha, size in items:
+        study = _study(session, institution_id, header, cache, nhs_issuer)
+        if isinstance(study, IdentityConflict):
+            placed.append(study)
+            continue
+        placed.append((_series(session, study, header, cache), header, sha, size))
     session.flush()
-    return instance
+    existing: dict[tuple[int, str], Instance] = {}
+    series_ids = {p[0].id for p in placed if not isinstance(p, IdentityConflict)}
+    for series_id in series_ids:
+        uids = [p[1].sop_instance_uid for p in placed if not isinstance(p, IdentityConflict)]
+        for instance in session.scalars(
+            select(Instance).where(
+                Instance.series_id == series_id, Instance.sop_instance_uid.in_(uids)
+            )
+        ):
+            existing[(series_id, instance.sop_instance_uid)] = instance
+    results: list[Instance | IdentityConflict] = []
+    for p in placed:
+        if isinstance(p, IdentityConflict):
+            results.append(p)
+            continue
+        series, header, sha, size = p
+        key = (series.id, header.sop_instance_uid)
+        found = existing.get(key)
+        if found is None:
+            instance = Instance(series_id=series.id, sop_instance_uid=header.sop_instance_uid)
+            session.add(instance)
+            existing[key] = instance
+        else:
+            instance = found
+        # The newest bytes received become the stored copy.
+        instance.sop_class_uid = header.sop_class_uid
+        instance.transfer_syntax_uid = header.transfer_syntax_uid
+        instance.instance_number = header.text("InstanceNumber")[:12]
+        instance.blob_sha256 = sha
+        instance.size = size
+        results.append(instance)
+    session.flush()
+    return results
+
+
+def _study(
+    session: Session, institution_id: int, header: Header, cache: _Cache, nhs_issuer: str
+) -> Study | IdentityConflict:
+    uid = header.study_instance_uid
+    key = _patient_key(header)
+    study = cache.studies.get(uid)
+    if study is None:
+        study = session.scalar(
+            select(Study).where(
+                Study.institution_id == institution_id, Study.study_instance_uid == uid
+            )
+        )
+        if study is None:
+            patient = _patient(session, institution_id, header, cache, nhs_issuer)
+            study = Study(institution_id=institution_id, patient=patient, study_instance_uid=uid)
+            session.add(study)
+        study.study_date = header.text("StudyDate")[:8]
+        study.study_time = header.text("StudyTime")[:16]
+        study.accession_number = header.text("AccessionNumber")[:16]
+        study.study_description = header.text("StudyDescription")[:64]
+        cache.studies[uid] = study
+    if (study.patient.issuer_of_patient_id, study.patient.patient_id) != key:
+        return IdentityConflict("study already filed under another patient at this institution")
+    return study
 
 
 def _patient(
-    session: Session, institution_id: int, header: Header, cache: IndexCache, nhs_issuer: str
+    session: Session, institution_id: int, header: Header, cache: _Cache, nhs_issuer: str
 ) -> Patient:
-    key = (header.text("IssuerOfPatientID")[:64], header.text("PatientID")[:64])
+    key = _patient_key(header)
     patient = cache.patients.get(key)
-    if patient is None:
-        patient = session.scalar(
-            select(Patient).where(
-                Patient.institution_id == institution_id,
-                Patient.issuer_of_patient_id == key[0],
-                Patient.patient_id == key[1],
-            )
+    if patient is not None:
+        return patient
+    patient = session.scalar(
+        select(Patient).where(
+            Patient.institution_id == institution_id,
+            Patient.issuer_of_patient_id == key[0],
+            Patient.patient_id == key[1],
         )
+    )
     if patient is None:
         patient = Patient(
             institution_id=institution_id, issuer_of_patient_id=key[0], patient_id=key[1]
@@ -86,44 +142,26 @@ def _patient(
     patient.patient_name = header.text("PatientName")[:324]
     patient.birth_date = header.text("PatientBirthDate")[:8]
     patient.sex = header.text("PatientSex")[:16]
-    patient.nhs_number = _nhs_number(header, nhs_issuer) or patient.nhs_number
-    session.flush()
+    patient.nhs_number = nhs_number_of(header, nhs_issuer) or patient.nhs_number
     cache.patients[key] = patient
     return patient
 
 
-def _study(
-    session: Session, institution_id: int, patient: Patient, header: Header, cache: IndexCache
-) -> Study:
-    uid = header.study_instance_uid
-    study = cache.studies.get(uid) or session.scalar(
-        select(Study).where(Study.institution_id == institution_id, Study.study_instance_uid == uid)
-    )
-    if study is None:
-        study = Study(institution_id=institution_id, patient_ref=patient.id, study_instance_uid=uid)
-        session.add(study)
-    elif study.patient_ref != patient.id:
-        raise IdentityConflict("study already filed under another patient at this institution")
-    study.study_date = header.text("StudyDate")[:8]
-    study.study_time = header.text("StudyTime")[:16]
-    study.accession_number = header.text("AccessionNumber")[:16]
-    study.study_description = header.text("StudyDescription")[:64]
-    session.flush()
-    cache.studies[uid] = study
-    return study
-
-
-def _series(session: Session, study: Study, header: Header, cache: IndexCache) -> Series:
-    key = (study.id, header.series_instance_uid)
-    series = cache.series.get(key) or session.scalar(
-        select(Series).where(Series.study_id == study.id, Series.series_instance_uid == key[1])
-    )
+def _series(session: Session, study: Study, header: Header, cache: _Cache) -> Series:
+    uid = header.series_instance_uid
+    key = (id(study), uid)
+    series = cache.series.get(key)
+    if series is not None:
+        return series
+    if study.id is not None:
+        series = session.scalar(
+            select(Series).where(Series.study_id == study.id, Series.series_instance_uid == uid)
+        )
     if series is None:
-        series = Series(study_id=study.id, series_instance_uid=key[1])
-        session.add(series)
+        series = Series(study=study, series_instance_uid=uid)
         series.modality = header.text("Modality")[:16]
         series.series_number = header.text("SeriesNumber")[:12]
         series.series_description = header.text("SeriesDescription")[:64]
-        session.flush()
+        session.add(series)
     cache.series[key] = series
     return series

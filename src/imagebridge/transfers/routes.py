@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from imagebridge.actors import Actor
 from imagebridge.audit.services import record
@@ -217,6 +218,8 @@ async def attach_report(
         return await run_in_threadpool(
             _store_report, hub, writer, transfer_id, actor, media_type, title, study_instance_uid
         )
+    except ClientDisconnect as exc:
+        raise HTTPException(400, "the upload was cut off") from exc
     finally:
         writer.abort()
 
@@ -320,6 +323,9 @@ async def upload_instances(
         return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor)
     except FramingError as exc:
         raise HTTPException(400, f"malformed blob stream: {exc}") from exc
+    except ClientDisconnect as exc:
+        # The gateway went away mid-batch: nothing of it is kept, and it sends it again.
+        raise HTTPException(400, "the upload was cut off") from exc
     finally:
         for _, w in staged:
             if w is not None:

@@ -15,7 +15,7 @@ from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
-from imagebridge.index.services import IdentityConflict, IndexCache, index_instance
+from imagebridge.index.services import IdentityConflict, index_instances
 from imagebridge.institutions.models import Institution
 from imagebridge.transfers.models import (
     PRIORITY_RANK,
@@ -136,21 +136,26 @@ def add_instances(
     if transfer.status != TransferStatus.receiving:
         raise TransferError(f"transfer is {transfer.status}, no longer receiving")
     result = IngestResult()
-    cache = IndexCache()
     per_study: Counter[tuple[str, str]] = Counter()
     linked_studies = set(
         session.scalars(
             select(TransferStudy.study_id).where(TransferStudy.transfer_id == transfer.id)
         )
     )
-    for header, sha, size in items:
-        try:
-            with session.begin_nested():
-                instance = index_instance(
-                    session, transfer.sender_institution_id, header, sha, size, cache, nhs_issuer
-                )
-        except IdentityConflict as exc:
-            result.refused.append((sha, str(exc)))
+    indexed = index_instances(session, transfer.sender_institution_id, items, nhs_issuer)
+    instance_ids = [i.id for i in indexed if isinstance(i, Instance)]
+    carried = {
+        item.instance_id: item
+        for item in session.scalars(
+            select(TransferInstance).where(
+                TransferInstance.transfer_id == transfer.id,
+                TransferInstance.instance_id.in_(instance_ids),
+            )
+        )
+    }
+    for (header, sha, size), instance in zip(items, indexed, strict=True):
+        if isinstance(instance, IdentityConflict):
+            result.refused.append((sha, str(instance)))
             record(
                 session,
                 "transfer:instance:refused",
@@ -159,32 +164,34 @@ def add_instances(
                 patient_ref=header.text("PatientID"),
                 study_ref=header.study_instance_uid,
                 transfer_ref=transfer.id,
-                detail={"reason": str(exc), "sop_instance_uid": header.sop_instance_uid},
+                detail={"reason": str(instance), "sop_instance_uid": header.sop_instance_uid},
                 **actor.audit(),
             )
             continue
-        study = cache.studies[header.study_instance_uid]
-        if study.id not in linked_studies:
-            session.add(TransferStudy(transfer_id=transfer.id, study_id=study.id))
-            linked_studies.add(study.id)
-        item = session.scalar(
-            select(TransferInstance).where(
-                TransferInstance.transfer_id == transfer.id,
-                TransferInstance.instance_id == instance.id,
-            )
-        )
+        study_id = instance.series.study_id
+        if study_id not in linked_studies:
+            session.add(TransferStudy(transfer_id=transfer.id, study_id=study_id))
+            linked_studies.add(study_id)
+        item = carried.get(instance.id)
         if item is None:
-            session.add(
-                TransferInstance(
-                    transfer_id=transfer.id, instance_id=instance.id, blob_sha256=sha, size=size
-                )
+            item = TransferInstance(
+                transfer_id=transfer.id, instance_id=instance.id, blob_sha256=sha, size=size
             )
+            session.add(item)
+            carried[instance.id] = item
             transfer.instances_total += 1
             transfer.bytes_total += size
-        elif item.status == ItemStatus.pending and item.blob_sha256 != sha:
-            # Resent with new content before delivery: carry the newest bytes.
+        else:
+            # Sent again while the transfer is open: deliver it again (a PACS user who
+            # resends expects it to arrive), with the newest bytes.
+            if item.status == ItemStatus.delivered:
+                transfer.instances_delivered -= 1
+                transfer.bytes_delivered -= item.size
+            elif item.status == ItemStatus.failed:
+                transfer.instances_failed -= 1
             transfer.bytes_total += size - item.size
             item.blob_sha256, item.size = sha, size
+            item.status, item.lease_until, item.detail = ItemStatus.pending, None, ""
         result.accepted.append(sha)
         per_study[(header.text("PatientID"), header.study_instance_uid)] += 1
     for (patient_id, study_uid), count in per_study.items():
