@@ -6,20 +6,21 @@ accepts nothing but uncompressed syntaxes for that SOP class is the file decompr
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
-from imagebridge.dicom.net import NODELAY_HANDLERS, UNCOMPRESSED, requested_contexts
+from imagebridge.dicom.net import UNCOMPRESSED, requested_contexts
+from imagebridge.dicom.part10 import BadDataset, read_meta
+from imagebridge.dicom.ul import Association, AssociationError
 
 log = logging.getLogger(__name__)
-
-# Send files without decoding them, in PDU-sized chunks (pynetdicom 2+).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 
@@ -60,64 +61,76 @@ def store_files(
     on_result: Callable[[int, StoreResult], None] | None = None,
 ) -> list[StoreResult]:
     """C-STORE each file; raises NodeUnavailable if no association could be made."""
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    contexts = requested_contexts((f.sop_class_uid, f.transfer_syntax_uid) for f in files)
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        contexts=contexts,
-        ae_title=node.ae_title,
-        evt_handlers=NODELAY_HANDLERS,
-    )
-    if not assoc.is_established:
-        raise NodeUnavailable("association rejected" if assoc.is_rejected else "node unreachable")
+    pairs = [(f.sop_class_uid, f.transfer_syntax_uid) for f in files]
+    contexts = [
+        (str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+        for cx in requested_contexts(pairs)
+    ]
+    try:
+        assoc = Association.open(
+            node.host, node.port, node.ae_title, calling_ae_title, contexts, timeout
+        )
+    except AssociationError as exc:
+        raise NodeUnavailable(str(exc)) from exc
     results: list[StoreResult] = []
     try:
-        accepted = {
-            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
-        }
         for index, f in enumerate(files):
-            result = _store_one(assoc, f, accepted)
+            result = _store_one(assoc, f)
             results.append(result)
             if on_result:
                 on_result(index, result)
-            if not assoc.is_established:
+            if not assoc.established:
                 break
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
     # Whatever was not attempted because the association dropped is retried later.
     results += [StoreResult("retry", "association ended")] * (len(files) - len(results))
     return results
 
 
-def _store_one(assoc: object, f: FileToSend, accepted: set[tuple[str, str]]) -> StoreResult:
-    if (f.sop_class_uid, f.transfer_syntax_uid) in accepted:
-        dataset: object = f.path
-    elif any((f.sop_class_uid, ts) in accepted for ts in UNCOMPRESSED):
-        # The peer cannot take the stored syntax: convert this one file for it
-        # (pynetdicom re-encodes between the uncompressed syntaxes itself).
-        try:
-            ds = dcmread(f.path)
-            if ds.file_meta.TransferSyntaxUID.is_compressed:
-                ds.decompress()
-        except Exception as exc:
-            return StoreResult("failed", f"cannot decompress for the peer: {type(exc).__name__}")
-        dataset = ds
-    else:
-        return StoreResult("failed", "the peer accepts neither the SOP class nor its syntax")
+def _store_one(assoc: Association, f: FileToSend) -> StoreResult:
+    context = assoc.context_for(f.sop_class_uid, f.transfer_syntax_uid)
     try:
-        rsp = assoc.send_c_store(dataset)  # type: ignore[attr-defined]
-    except (RuntimeError, ValueError, AttributeError) as exc:
-        return StoreResult("retry", f"C-STORE not sent: {exc}")
-    status = getattr(rsp, "Status", None)
-    if status is None:
-        return StoreResult("retry", "no C-STORE response (timeout or abort)")
-    comment = str(getattr(rsp, "ErrorComment", "") or "")
+        if context is not None:
+            with open(f.path, "rb") as fh:
+                meta = read_meta(fh)
+                length = fh.seek(0, 2) - meta.dataset_offset
+                fh.seek(meta.dataset_offset)
+                rsp = assoc.c_store(context, f.sop_class_uid, meta.sop_instance_uid, fh, length)
+        else:
+            converted = _convert_for(assoc, f)
+            if isinstance(converted, StoreResult):
+                return converted
+            context, sop_instance, data = converted
+            rsp = assoc.c_store(context, f.sop_class_uid, sop_instance, io.BytesIO(data), len(data))
+    except AssociationError as exc:
+        return StoreResult("retry", f"C-STORE not completed: {exc}")
+    except (OSError, BadDataset) as exc:
+        return StoreResult("failed", f"cannot read the stored file: {exc}")
+    status, comment = rsp.status, rsp.error_comment
     if status == 0x0000 or status in WARNING_STATUSES:
         return StoreResult("delivered", "" if status == 0 else _status_text(status, comment))
     if (status & 0xFF00) == 0xA700:
         # Out of resources: the PACS may recover, so the instance stays queued.
         return StoreResult("retry", _status_text(status, comment))
     return StoreResult("failed", _status_text(status, comment))
+
+
+def _convert_for(assoc: Association, f: FileToSend) -> tuple[int, str, bytes] | StoreResult:
+    """The peer cannot take the stored syntax: re-encode this one file uncompressed."""
+    for syntax in UNCOMPRESSED:
+        context = assoc.context_for(f.sop_class_uid, syntax)
+        if context is None:
+            continue
+        try:
+            ds = dcmread(f.path)
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()
+            buffer = DicomBytesIO()
+            buffer.is_little_endian = True
+            buffer.is_implicit_VR = syntax == UNCOMPRESSED[1]
+            write_dataset(buffer, ds)
+        except Exception as exc:
+            return StoreResult("failed", f"cannot decompress for the peer: {type(exc).__name__}")
+        return context, str(ds.SOPInstanceUID), buffer.getvalue()
+    return StoreResult("failed", "the peer accepts neither the SOP class nor its syntax")

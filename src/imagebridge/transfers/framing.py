@@ -14,6 +14,7 @@ from pathlib import Path
 
 MEDIA_TYPE = "application/vnd.imagebridge.blobs"
 _HEAD = struct.Struct(">32sQ")
+FRAME_HEADER_SIZE = _HEAD.size
 CHUNK = 1 << 20
 
 
