@@ -125,7 +125,8 @@ def _convert_for(assoc: Association, f: FileToSend) -> tuple[int, str, bytes] | 
         try:
             ds = dcmread(f.path)
             if ds.file_meta.TransferSyntaxUID.is_compressed:
-                ds.decompress()
+                # The same instance in another syntax: keep its SOP Instance UID.
+                ds.decompress(generate_instance_uid=False)
             buffer = DicomBytesIO()
             buffer.is_little_endian = True
             buffer.is_implicit_VR = syntax == UNCOMPRESSED[1]

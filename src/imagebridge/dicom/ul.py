@@ -224,7 +224,13 @@ class Association:
         header = struct.pack(
             ">BBIIBB", P_DATA_TF, 0, len(data) + 6, len(data) + 2, context_id, control
         )
-        self.sock.sendmsg([header, data])
+        sent = self.sock.sendmsg([header, data])
+        # sendmsg may take only part (a slow peer, a full send buffer): send the rest.
+        if sent < len(header):
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        if sent < len(header) + len(data):
+            self.sock.sendall(memoryview(data)[sent - len(header) :])
 
     def _read_response(self) -> StoreResponse:
         command = bytearray()

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import json
+import os
 import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from imagebridge.transfers.framing import (
-    CHUNK,
     MEDIA_TYPE,
     FrameData,
     FrameDecoder,
-    FrameEnd,
     FrameStart,
+    FramingError,
     encode_files,
 )
 
@@ -39,9 +43,14 @@ class HubClient:
             timeout=timeout,
             transport=transport,
         )
+        self._base = urlsplit(base_url)
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self._bulk: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
         self._http.close()
+        if self._bulk is not None:
+            self._bulk.close()
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         try:
@@ -90,46 +99,55 @@ class HubClient:
         return released
 
     def download(self, digests: list[str], folder: Path) -> dict[str, Path]:
-        """Fetch blobs into folder (named by digest), checking each digest on arrival."""
-        import hashlib
-        import os
+        """Fetch blobs into folder (named by digest), checking each digest on arrival.
 
+        The bulk of a study comes this way, so it reads with http.client straight into a
+        reused buffer: a fraction of the CPU of a general-purpose client for the same bytes.
+        """
         paths: dict[str, Path] = {}
         decoder = FrameDecoder(max_blob_bytes=1 << 40)
-        fh = None
-        digest = None
-        tmp: Path | None = None
+        sink: _BlobSink | None = None
+        conn = self._bulk_connection()
         try:
-            with self._http.stream(
-                "POST", "/api/v1/gateway/blobs", json={"sha256": digests}
-            ) as response:
-                _check(response, stream=True)
-                for chunk in response.iter_raw(CHUNK):
-                    for event in decoder.feed(chunk):
-                        if isinstance(event, FrameStart):
-                            tmp = folder / f".{event.sha256}.part"
-                            fh = open(tmp, "wb")  # noqa: SIM115 - closed at FrameEnd
-                            digest = hashlib.sha256()
-                        elif isinstance(event, FrameData):
-                            assert fh is not None and digest is not None
-                            fh.write(event.data)
-                            digest.update(event.data)
-                        elif isinstance(event, FrameEnd):
-                            assert fh is not None and digest is not None and tmp is not None
-                            fh.close()
-                            fh = None
-                            if digest.hexdigest() != event.sha256:
-                                raise HubUnavailable("a downloaded blob did not match its digest")
-                            final = folder / f"{event.sha256}.dcm"
-                            os.replace(tmp, final)
-                            paths[event.sha256] = final
-                decoder.close()
-        except httpx.HTTPError as exc:
-            raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from exc
+            conn.request(
+                "POST",
+                self._base.path.rstrip("/") + "/api/v1/gateway/blobs",
+                body=json.dumps({"sha256": digests}),
+                headers={**self._auth, "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            if response.status >= 400:
+                _raise_for(response.status, response.read().decode("utf-8", "replace"))
+            buffer = memoryview(bytearray(1 << 20))
+            while n := response.readinto(buffer):
+                for event in decoder.feed(buffer[:n]):
+                    if isinstance(event, FrameData):
+                        assert sink is not None
+                        sink.write(event.data)
+                    elif isinstance(event, FrameStart):
+                        sink = _BlobSink(folder, event.sha256)
+                    else:
+                        assert sink is not None
+                        paths[event.sha256] = sink.finish()
+                        sink = None
+            decoder.close()
+        except (OSError, http.client.HTTPException, FramingError) as exc:
+            conn.close()
+            self._bulk = None
+            raise HubUnavailable(f"download interrupted: {type(exc).__name__}") from exc
         finally:
-            if fh is not None:
-                fh.close()
+            if sink is not None:
+                sink.abort()
         return paths
+
+    def _bulk_connection(self) -> http.client.HTTPConnection:
+        if self._bulk is None:
+            host = self._base.hostname or "127.0.0.1"
+            self._bulk = http.client.HTTPConnection(host, self._base.port or 80, timeout=60)
+            self._bulk.connect()
+            assert self._bulk.sock is not None
+            self._bulk.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._bulk
 
     def deliveries(
         self, transfer_id: str, instances: list[dict[str, Any]], reports: list[dict[str, Any]]
@@ -145,16 +163,45 @@ class HubClient:
         self._call("POST", "/api/v1/gateway/audit", json={"events": events})
 
 
-def _check(response: httpx.Response, stream: bool = False) -> httpx.Response:
-    if response.status_code < 400:
-        return response
-    if stream:
-        response.read()
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        _raise_for(response.status_code, response.text)
+    return response
+
+
+def _raise_for(status: int, text: str) -> None:
     try:
-        reason = response.json().get("detail", response.text)
-    except ValueError:
-        reason = response.text
-    message = f"hub answered {response.status_code}: {reason}"
-    if response.status_code >= 500 or response.status_code == 429:
+        reason = json.loads(text).get("detail", text)
+    except (ValueError, AttributeError):
+        reason = text
+    message = f"hub answered {status}: {reason}"
+    if status >= 500 or status == 429:
         raise HubUnavailable(message)
     raise HubError(message)
+
+
+class _BlobSink:
+    """One blob being downloaded: written beside its final name, checked, then renamed."""
+
+    def __init__(self, folder: Path, sha256: str) -> None:
+        self.sha256 = sha256
+        self.final = folder / f"{sha256}.dcm"
+        self.tmp = folder / f".{sha256}.part"
+        self.fh = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.fh.write(data)
+        self.hash.update(data)
+
+    def finish(self) -> Path:
+        self.fh.close()
+        if self.hash.hexdigest() != self.sha256:
+            self.tmp.unlink(missing_ok=True)
+            raise FramingError("a downloaded blob did not match its digest")
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)

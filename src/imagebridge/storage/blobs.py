@@ -24,7 +24,7 @@ class BlobMismatch(ValueError):
 
 
 class BlobWriter(Protocol):
-    def write(self, chunk: bytes) -> None: ...
+    def write(self, chunk: bytes | memoryview) -> None: ...
 
     def staged_path(self) -> Path:
         """The bytes written so far, in a local file, to check them before commit."""
@@ -64,7 +64,7 @@ class LocalBlobWriter:
         self._hash = hashlib.sha256()
         self._size = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         self._file.write(chunk)
         self._hash.update(chunk)
         self._size += len(chunk)

@@ -30,7 +30,7 @@ class FrameStart:
 
 @dataclass(frozen=True)
 class FrameData:
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
@@ -60,33 +60,37 @@ def encode_files(items: Iterable[tuple[str, Path | None]]) -> Iterator[bytes]:
 
 
 class FrameDecoder:
-    """Incremental decoder: feed it chunks as they arrive, get events back."""
+    """Incremental decoder: feed it chunks as they arrive, get events back.
+
+    Blob bytes are passed on as views of the chunks fed in, never copied here: the stream
+    may carry hundreds of megabytes.
+    """
 
     def __init__(self, max_blob_bytes: int) -> None:
         self._max = max_blob_bytes
-        self._buf = bytearray()
+        self._head = bytearray()
         self._remaining = 0
         self._current: str | None = None
 
-    def feed(self, chunk: bytes) -> Iterator[Event]:
-        self._buf += chunk
-        while True:
+    def feed(self, chunk: bytes | memoryview) -> Iterator[Event]:
+        view = memoryview(chunk)
+        while view:
             if self._current is not None:
-                if not self._buf:
-                    return
-                take = min(self._remaining, len(self._buf))
-                data = bytes(self._buf[:take])
-                del self._buf[:take]
+                take = min(self._remaining, len(view))
+                yield FrameData(view[:take])
+                view = view[take:]
                 self._remaining -= take
-                yield FrameData(data)
                 if self._remaining == 0:
                     sha, self._current = self._current, None
                     yield FrameEnd(sha)
                 continue
-            if len(self._buf) < _HEAD.size:
+            need = _HEAD.size - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) < _HEAD.size:
                 return
-            raw, length = _HEAD.unpack_from(self._buf)
-            del self._buf[: _HEAD.size]
+            raw, length = _HEAD.unpack(self._head)
+            self._head.clear()
             if length > self._max:
                 # Refuse before reading: a declared length must never make us allocate it.
                 raise FramingError(f"blob of {length} bytes exceeds the {self._max} limit")
@@ -98,5 +102,5 @@ class FrameDecoder:
                 self._current, self._remaining = sha, length
 
     def close(self) -> None:
-        if self._current is not None or self._buf:
+        if self._current is not None or self._head:
             raise FramingError("stream ended inside a frame")
