@@ -9,6 +9,7 @@ The 128-byte preamble is always zeros, whatever a sender put there.
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ class BadDataset(ValueError):
 
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_UID = re.compile(r"[0-9.]{1,64}")
 
 
 def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None = None) -> Header:
@@ -104,15 +106,23 @@ def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None
     try:
         ds: Dataset
         if transfer_syntax_uid is None:
-            ds = dcmread(fp, stop_before_pixels=True)
-            transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+            start = fp.tell()
+            try:
+                # Our own meta group, read by hand: pydicom's costs more than the dataset.
+                transfer_syntax_uid = read_meta(fp).transfer_syntax_uid
+            except BadDataset:
+                fp.seek(start)
+                ds = dcmread(fp, stop_before_pixels=True)
+                transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+            else:
+                ds = _read_bare(fp, transfer_syntax_uid)
         else:
             ds = _read_bare(fp, transfer_syntax_uid)
         for keyword in REQUIRED_UIDS:
             value = str(ds.get(keyword, "") or "").strip()
             if not value:
                 raise BadDataset(f"missing {keyword}")
-            if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+            if not _UID.fullmatch(value):
                 raise BadDataset(f"invalid {keyword}")
         # Values stay raw (converting them all costs more than the rest of the path): the
         # structure was walked to the end, which is what storing the bytes depends on.

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from imagebridge.transfers.framing import (
+    FRAME_HEADER_SIZE,
     MEDIA_TYPE,
     FrameData,
     FrameDecoder,
@@ -22,6 +24,9 @@ from imagebridge.transfers.framing import (
     FramingError,
     encode_files,
 )
+
+# Below the hub's keep-alive timeout (75 s): an older idle connection is replaced.
+IDLE_RECONNECT_SECONDS = 30.0
 
 
 class HubError(RuntimeError):
@@ -46,6 +51,7 @@ class HubClient:
         self._base = urlsplit(base_url)
         self._auth = {"Authorization": f"Bearer {token}"}
         self._bulk: http.client.HTTPConnection | None = None
+        self._bulk_used_at = 0.0
 
     def close(self) -> None:
         self._http.close()
@@ -71,12 +77,14 @@ class HubClient:
         result = self._call("POST", "/api/v1/gateway/blobs/missing", json={"sha256": digests})
         return set(result["missing"])
 
-    def upload(self, transfer_id: str, items: Iterable[tuple[str, Path | None]]) -> dict[str, Any]:
-        result: dict[str, Any] = self._call(
+    def upload(self, transfer_id: str, items: list[tuple[str, Path | None]]) -> dict[str, Any]:
+        """Send a batch as one framed stream of known length (no chunked coding)."""
+        length = sum(FRAME_HEADER_SIZE + (p.stat().st_size if p else 0) for _, p in items)
+        result: dict[str, Any] = self._bulk_request(
             "POST",
             f"/api/v1/transfers/{transfer_id}/instances",
-            content=encode_files(items),
-            headers={"Content-Type": MEDIA_TYPE},
+            encode_files(items),
+            {"Content-Type": MEDIA_TYPE, "Content-Length": str(length)},
         )
         return result
 
@@ -140,7 +148,35 @@ class HubClient:
                 sink.abort()
         return paths
 
+    def _bulk_request(
+        self, method: str, path: str, body: Iterable[bytes], headers: dict[str, str]
+    ) -> Any:
+        conn = self._bulk_connection()
+        try:
+            conn.request(
+                method,
+                self._base.path.rstrip("/") + path,
+                body=body,
+                headers={**self._auth, **headers},
+                encode_chunked=False,
+            )
+            response = conn.getresponse()
+            text = response.read().decode("utf-8", "replace")
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            self._bulk = None
+            raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from exc
+        if response.status >= 400:
+            _raise_for(response.status, text)
+        return json.loads(text)
+
     def _bulk_connection(self) -> http.client.HTTPConnection:
+        idle = time.monotonic() - self._bulk_used_at
+        if self._bulk is not None and idle > IDLE_RECONNECT_SECONDS:
+            # The hub may have closed an idle keep-alive connection; do not find out mid-body.
+            self._bulk.close()
+            self._bulk = None
+        self._bulk_used_at = time.monotonic()
         if self._bulk is None:
             host = self._base.hostname or "127.0.0.1"
             self._bulk = http.client.HTTPConnection(host, self._base.port or 80, timeout=60)

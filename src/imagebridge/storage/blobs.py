@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -15,8 +16,11 @@ from typing import BinaryIO, Protocol
 DIGEST_LENGTH = 64
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
 def is_digest(value: str) -> bool:
-    return len(value) == DIGEST_LENGTH and all(c in "0123456789abcdef" for c in value)
+    return _DIGEST.fullmatch(value) is not None
 
 
 class BlobMismatch(ValueError):
