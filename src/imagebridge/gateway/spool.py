@@ -20,6 +20,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,18 @@ class Outbound:
         }
 
 
+def _intact(path: Path) -> bool:
+    """A spooled file is whole if its content still hashes to its name; else it goes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() == path.stem:
+        return True
+    path.unlink()
+    return False
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -80,6 +94,36 @@ def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
+    """Write straight to the final name, then fsync: one journal commit, not two.
+
+    The name is the content's SHA-256, so a file cut short by a crash before its fsync
+    (and so never acknowledged) is recognised and removed when the spool is recovered.
+    """
+    try:
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # The same instance again: make sure the copy we already hold is durable.
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    try:
+        view = memoryview(meta + dataset) if len(dataset) < (1 << 20) else None
+        for part in [view] if view is not None else [memoryview(meta), memoryview(dataset)]:
+            while part:
+                part = part[os.write(fd, part) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        final.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    fsync_dir(final.parent)
+
+
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int) -> None:
         self.root = root
@@ -92,6 +136,7 @@ class Spool:
         self.changed = threading.Condition()
         self._transfers: dict[str, Outbound] = {}
         self._open: dict[tuple[str, str, str, str], str] = {}
+        self._file_locks: dict[Path, threading.Lock] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -104,10 +149,20 @@ class Spool:
                 continue
             meta = json.loads(meta_path.read_text())
             t = Outbound(**meta)
-            t.pending = {p.stem: p for p in folder.glob("*.dcm")}
+            t.pending = {p.stem: p for p in folder.glob("*.dcm") if _intact(p)}
             self._transfers[t.local_id] = t
             if not t.closed:
                 self._open[self._key(t)] = t.local_id
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """One writer per file: two associations may deliver the same instance at once."""
+        with self.changed:
+            lock = self._file_locks.setdefault(path, threading.Lock())
+        with lock:
+            yield
+        with self.changed:
+            self._file_locks.pop(path, None)
 
     @staticmethod
     def _key(t: Outbound) -> tuple[str, str, str, str]:
@@ -144,8 +199,8 @@ class Spool:
             destination, priority, study_instance_uid, calling_ae_title, association
         )
         final = self.out / t.local_id / f"{digest}.dcm"
-        if not final.exists():
-            write_durably(final, [meta, dataset], self.tmp)
+        with self._writing(final):
+            _write_instance(final, meta, dataset)
         with self.changed:
             t.pending[digest] = final
             t.received += 1

@@ -5,11 +5,11 @@ Implementations are chosen by a setting; the local folder is the embedded defaul
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -118,6 +118,7 @@ class LocalBlobStore:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._sync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
     def path_for(self, sha256: str) -> Path:
         if not is_digest(sha256):
@@ -133,11 +134,12 @@ class LocalBlobStore:
     def commit_batch(
         self, items: list[tuple[BlobWriter, str | None]]
     ) -> list[tuple[str, int] | BlobMismatch]:
-        """Two filesystem syncs for the whole batch instead of two fsyncs per blob.
+        """Commit a batch with its fsyncs issued together: the filesystem's journal then
+        commits them as a group instead of one after another.
 
-        Contents are synced before any blob gets its final name, and names are synced
-        before returning: a file under its digest is therefore always complete, which is
-        what lets ``commit`` skip content it already has.
+        Contents are durable before any blob gets its final name, and names before
+        returning: a file under its digest is always complete, which is what lets a
+        commit skip content already held.
         """
         results: list[tuple[str, int] | BlobMismatch] = []
         moves: list[tuple[Path, Path]] = []
@@ -155,11 +157,12 @@ class LocalBlobStore:
                 moves.append((writer.close(), final))
             results.append((digest, size))
         if moves:
-            _syncfs(self.root)
+            list(self._sync_pool.map(_fsync_file, [tmp for tmp, _ in moves]))
             for tmp, final in moves:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
-            _syncfs(self.root)
+            parents = {f.parent for _, f in moves} | {f.parent.parent for _, f in moves}
+            list(self._sync_pool.map(_fsync_dir, parents))
         return results
 
     def open(self, sha256: str) -> BinaryIO:
@@ -169,16 +172,10 @@ class LocalBlobStore:
         return self.path_for(sha256)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush every dirty page and inode of the filesystem holding path (Linux syncfs(2))."""
+def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        os.fsync(fd)
     finally:
         os.close(fd)
 
