@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from imagebridge.demo.network import Network, free_port, wait_for_port
+from imagebridge.demo.network import Network, free_port, stop_process, wait_for_port
 from imagebridge.demo.synthetic import generate_ct_study
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -66,16 +65,6 @@ def wait_files(folder: Path, count: int, timeout: float = 600) -> None:
         time.sleep(0.005)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -92,7 +81,7 @@ def run_direct(files: list[Path], work: Path) -> float:
         wait_files(out, len(files))
         return time.perf_counter() - t0
     finally:
-        stop(proc)
+        stop_process(proc)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -138,8 +127,8 @@ def run_orthanc(files: list[Path], work: Path) -> float:
             wait_files(out, len(files))
             return time.perf_counter() - t0
     finally:
-        stop(orthanc)
-        stop(scp)
+        stop_process(orthanc)
+        stop_process(scp)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
 
@@ -182,7 +171,7 @@ class ImageBridge:
 
     def close(self) -> None:
         self.net.stop()
-        stop(self.scp)
+        stop_process(self.scp)
 
 
 def median_of(runs: int, fn: Callable[[], float]) -> tuple[float, list[float]]:

@@ -179,16 +179,16 @@ class Network:
         return gw
 
     def stop_gateway(self, code: str) -> None:
-        _stop(self.gateways[code].process)
+        stop_process(self.gateways[code].process)
 
     def stop(self) -> None:
         for gw in self.gateways.values():
-            _stop(gw.process)
+            stop_process(gw.process)
         if self.hub_process is not None:
-            _stop(self.hub_process)
+            stop_process(self.hub_process)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.kill(process.pid, signal.SIGTERM)
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebridge.dicom.part10 import file_meta
+from imagebridge.fsutil import fsync_path
 
 
 class SpoolFull(OSError):
@@ -75,14 +76,6 @@ def _intact(path: Path) -> bool:
     return False
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as fh:
@@ -91,7 +84,7 @@ def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
@@ -104,11 +97,7 @@ def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         # The same instance again: make sure the copy we already hold is durable.
-        fd = os.open(final, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(final)
         return
     try:
         view = memoryview(meta + dataset) if len(dataset) < (1 << 20) else None
@@ -121,7 +110,7 @@ def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
         final.unlink(missing_ok=True)
         raise
     os.close(fd)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 class Spool:
@@ -236,7 +225,7 @@ class Spool:
             folder = self.out / t.local_id
             folder.mkdir()
             write_durably(folder / "meta.json", json.dumps(t.meta()).encode(), self.tmp)
-            fsync_dir(self.out)
+            fsync_path(self.out)
             self._transfers[t.local_id] = t
             self._open[key] = t.local_id
             association.add(t.local_id)

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from imagebridge.fsutil import fsync_path
+
 DIGEST_LENGTH = 64
 
 
@@ -92,7 +94,7 @@ class LocalBlobWriter:
         self._file.close()
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return digest, self._size
 
     @property
@@ -157,12 +159,12 @@ class LocalBlobStore:
                 moves.append((writer.close(), final))
             results.append((digest, size))
         if moves:
-            list(self._sync_pool.map(_fsync_file, [tmp for tmp, _ in moves]))
+            list(self._sync_pool.map(fsync_path, [tmp for tmp, _ in moves]))
             for tmp, final in moves:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
             parents = {f.parent for _, f in moves} | {f.parent.parent for _, f in moves}
-            list(self._sync_pool.map(_fsync_dir, parents))
+            list(self._sync_pool.map(fsync_path, parents))
         return results
 
     def open(self, sha256: str) -> BinaryIO:
@@ -170,19 +172,3 @@ class LocalBlobStore:
 
     def local_path(self, sha256: str) -> Path | None:
         return self.path_for(sha256)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
