@@ -89,10 +89,11 @@ class BadDataset(ValueError):
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _UID = re.compile(r"[0-9.]{1,64}")
+HEADER_LAST_TAG = 0x0020FFFF
 
 
 def read_header(source: bytes | Path | BinaryIO, transfer_syntax_uid: str | None = None) -> Header:
-    """Parse everything before the pixel data, and check the identifying UIDs.
+    """Parse the identifying header (groups up to 0020), check its UIDs, walk the rest.
 
     ``source`` is a Part 10 file, or a bare dataset if ``transfer_syntax_uid`` is given.
     """
@@ -158,59 +159,77 @@ _LONG_VRS = {
 }
 
 
+_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+
+
 def _check_tail(fp: BinaryIO, syntax: UID) -> None:
-    """Walk the elements after the header (pixel data and beyond) without reading values.
+    """Walk the elements after the header to the end without reading their values.
 
     A dataset cut short, or with a length pointing past its end, is refused here, so that
     no partial instance is ever acknowledged or stored.
     """
     start = fp.tell()
     end = fp.seek(0, io.SEEK_END)
-    pos = fp.seek(start)
+    fp.seek(start)
     order = "<" if syntax.is_little_endian else ">"
-    while pos < end:
-        head = fp.read(8)
-        if len(head) < 8:
-            raise BadDataset("dataset truncated")
+    _skip_elements(fp, start, end, order, syntax.is_implicit_VR, in_item=False)
+
+
+def _read_exact(fp: BinaryIO, n: int) -> bytes:
+    data = fp.read(n)
+    if len(data) < n:
+        raise BadDataset("dataset truncated")
+    return data
+
+
+def _skip_elements(
+    fp: BinaryIO, pos: int, end: int, order: str, implicit: bool, *, in_item: bool
+) -> int:
+    """Skip elements up to the end, or past the delimiter of the item they are in."""
+    while in_item or pos < end:
+        head = _read_exact(fp, 8)
+        group, elem = struct.unpack(order + "HH", head[:4])
+        if in_item and (group, elem) == _ITEM_END:
+            return pos + 8
         vr = head[4:6]
         # Like pydicom, tolerate an implicit-VR element inside an explicit-VR dataset.
-        if syntax.is_implicit_VR or not (vr.isalpha() and vr.isupper()):
+        if implicit or not (vr.isalpha() and vr.isupper()):
             (length,) = struct.unpack(order + "I", head[4:])
             pos += 8
+            vr = b""
         elif vr in _LONG_VRS:
-            extra = fp.read(4)
-            if len(extra) < 4:
-                raise BadDataset("dataset truncated")
-            (length,) = struct.unpack(order + "I", extra)
+            (length,) = struct.unpack(order + "I", _read_exact(fp, 4))
             pos += 12
         else:
             (length,) = struct.unpack(order + "H", head[6:])
             pos += 8
         if length == _UNDEFINED:
-            pos = _skip_items(fp, pos, end, order)
+            # A sequence, or encapsulated pixel data; UN of undefined length is implicit VR.
+            pos = _skip_items(fp, pos, end, order, implicit or vr == b"UN")
         else:
             pos += length
             if pos > end:
                 raise BadDataset("dataset truncated")
-        fp.seek(pos)
+            fp.seek(pos)
+    return pos
 
 
-def _skip_items(fp: BinaryIO, pos: int, end: int, order: str) -> int:
-    """Skip the defined-length items of an undefined-length value (encapsulated pixel data)."""
+def _skip_items(fp: BinaryIO, pos: int, end: int, order: str, implicit: bool) -> int:
+    """Skip the items of an undefined-length value, up to its sequence delimiter."""
     while True:
-        head = fp.read(8)
-        if len(head) < 8:
-            raise BadDataset("dataset truncated")
-        group, elem, length = struct.unpack(order + "HHI", head)
+        group, elem, length = struct.unpack(order + "HHI", _read_exact(fp, 8))
         pos += 8
-        if (group, elem) == (0xFFFE, 0xE0DD):
+        if (group, elem) == _SEQUENCE_END:
             return pos
-        if (group, elem) != (0xFFFE, 0xE000) or length == _UNDEFINED:
-            raise BadDataset("malformed item after the header")
-        pos += length
-        if pos > end:
-            raise BadDataset("dataset truncated")
-        fp.seek(pos)
+        if (group, elem) != _ITEM:
+            raise BadDataset("malformed item")
+        if length == _UNDEFINED:
+            pos = _skip_elements(fp, pos, end, order, implicit, in_item=True)
+        else:
+            pos += length
+            if pos > end:
+                raise BadDataset("dataset truncated")
+            fp.seek(pos)
 
 
 def _read_bare(fp: BinaryIO, transfer_syntax_uid: str) -> Dataset:
@@ -225,7 +244,9 @@ def _read_bare(fp: BinaryIO, transfer_syntax_uid: str) -> Dataset:
         fp,
         is_implicit_VR=uid.is_implicit_VR,
         is_little_endian=uid.is_little_endian,
-        stop_when=lambda tag, vr, length: tag == 0x7FE00010,
+        # What ImageBridge routes and indexes by is all in groups 0008-0020; the rest of
+        # the dataset is only walked, not parsed.
+        stop_when=lambda tag, vr, length: tag > HEADER_LAST_TAG,
     )
     return ds
 
