@@ -337,7 +337,15 @@ def next_work(
     lease = now + timedelta(seconds=lease_seconds)
     for transfer in transfers:
         rows = session.execute(
-            select(TransferInstance, Instance, Study.study_instance_uid)
+            select(
+                TransferInstance.id,
+                TransferInstance.blob_sha256,
+                TransferInstance.size,
+                Instance.sop_class_uid,
+                Instance.sop_instance_uid,
+                Instance.transfer_syntax_uid,
+                Study.study_instance_uid,
+            )
             .join(Instance, Instance.id == TransferInstance.instance_id)
             .join(Series, Series.id == Instance.series_id)
             .join(Study, Study.id == Series.study_id)
@@ -349,20 +357,14 @@ def next_work(
             .order_by(TransferInstance.id)
             .limit(limit)
         ).all()
-        items: list[WorkItem] = []
-        for ti, instance, study_uid in rows:
-            ti.lease_until = lease
-            ti.attempts += 1
-            items.append(
-                WorkItem(
-                    ti.id,
-                    ti.blob_sha256,
-                    ti.size,
-                    instance.sop_class_uid,
-                    instance.sop_instance_uid,
-                    instance.transfer_syntax_uid,
-                    study_uid,
-                )
+        items = [WorkItem(*row) for row in rows]
+        if items:
+            # One statement for the whole lease: this runs for every batch delivered.
+            session.execute(
+                update(TransferInstance)
+                .where(TransferInstance.id.in_([i.id for i in items]))
+                .values(lease_until=lease, attempts=TransferInstance.attempts + 1)
+                .execution_options(synchronize_session=False)
             )
         reports = [] if items else _report_work(session, transfer, lease)
         if items or reports:
@@ -462,10 +464,13 @@ def record_deliveries(
 ) -> None:
     now = utcnow()
     by_id = {o.id: o for o in instances}
-    items = (
-        session.scalars(
-            select(TransferInstance).where(
-                TransferInstance.transfer_id == transfer.id, TransferInstance.id.in_(by_id)
+    pending = (
+        session.execute(
+            select(TransferInstance.id, TransferInstance.size).where(
+                TransferInstance.transfer_id == transfer.id,
+                TransferInstance.id.in_(by_id),
+                # A repeated report of the same delivery changes nothing.
+                TransferInstance.status == ItemStatus.pending,
             )
         ).all()
         if by_id
@@ -473,21 +478,30 @@ def record_deliveries(
     )
     delivered = failed = 0
     failures: Counter[str] = Counter()
-    for item in items:
-        outcome = by_id[item.id]
-        if item.status != ItemStatus.pending:
-            continue  # a repeated report of the same delivery changes nothing
-        item.detail = outcome.detail[:500]
-        item.lease_until = None
+    changes: list[dict[str, Any]] = []
+    for item_id, size in pending:
+        outcome = by_id[item_id]
+        status, delivered_at = ItemStatus.pending, None  # "retry": back in the queue
         if outcome.outcome == "delivered":
-            item.status = ItemStatus.delivered
-            item.delivered_at = now
-            transfer.bytes_delivered += item.size
+            status, delivered_at = ItemStatus.delivered, now
+            transfer.bytes_delivered += size
             delivered += 1
         elif outcome.outcome == "failed":
-            item.status = ItemStatus.failed
+            status = ItemStatus.failed
             failed += 1
             failures[outcome.detail[:200]] += 1
+        changes.append(
+            {
+                "id": item_id,
+                "status": status,
+                "delivered_at": delivered_at,
+                "detail": outcome.detail[:500],
+                "lease_until": None,
+            }
+        )
+    if changes:
+        # Bulk UPDATE by primary key: one executemany for the batch.
+        session.execute(update(TransferInstance), changes)
     transfer.instances_delivered += delivered
     transfer.instances_failed += failed
     if delivered and transfer.delivery_started_at is None:
