@@ -36,7 +36,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS
 
-from imagebridge.dicom.part10 import BadDataset, file_meta
+from imagebridge.dicom.part10 import BadDataset, file_meta, read_meta
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.settings import Reconciliation
 
@@ -328,16 +328,14 @@ def reconcile_file(
     reach the PACS unreconciled.
     """
     with open(src, "rb") as fh:
-        try:
-            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as exc:  # an empty file cannot be mapped
-            raise BadDataset("not a DICOM Part 10 file") from exc
+        meta = read_meta(fh)
+        start = meta.dataset_offset
+        syntax = UID(meta.transfer_syntax_uid)
+        if not syntax.is_transfer_syntax:
+            raise BadDataset(f"unsupported transfer syntax {syntax}")
+        meta_bytes = file_meta(meta.sop_class_uid, meta.sop_instance_uid, syntax)
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         with buf:
-            meta, start = _read_meta(buf)
-            syntax = UID(meta[0x00020010])
-            if not syntax.is_transfer_syntax:
-                raise BadDataset(f"unsupported transfer syntax {syntax}")
-            meta_bytes = file_meta(meta[0x00020002], meta[0x00020003], syntax)
             reconcile = _Rewrite(syntax, sender_code, receiver_code, policy, mrn_lookup)
             if not syntax.is_deflated:
                 head, rest = reconcile(buf, start)
@@ -630,29 +628,6 @@ def _items(
     except struct.error as exc:
         raise BadDataset("malformed sequence") from exc
     return items
-
-
-def _read_meta(buf: mmap.mmap) -> tuple[dict[int, str], int]:
-    """The file meta UIDs by tag, and where the dataset starts."""
-    if len(buf) < 132 or buf[128:132] != b"DICM":
-        raise BadDataset("not a DICOM Part 10 file")
-    meta: dict[int, str] = {}
-    pos = 132
-    try:
-        while pos < len(buf) and struct.unpack_from("<H", buf, pos)[0] == 0x0002:
-            tag, value_start, end = _element_bounds(buf, pos, "<", False)
-            meta[tag] = buf[value_start:end].rstrip(b"\x00 ").decode("ascii", "replace")
-            pos = end
-    except struct.error as exc:
-        raise BadDataset("file meta truncated") from exc
-    for tag, name in (
-        (0x00020002, "SOP class"),
-        (0x00020003, "SOP instance"),
-        (0x00020010, "syntax"),
-    ):
-        if not meta.get(tag):
-            raise BadDataset(f"file meta lacks the {name} UID")
-    return meta, pos
 
 
 def _write_atomically(
