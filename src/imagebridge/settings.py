@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -156,6 +156,3 @@ class GatewaySettings(_TomlSettings):
     spool_min_free_bytes: int = Field(256 * 1024 * 1024, description="Refuse C-STORE below this")
 
     _check_ae = field_validator("ae_title")(_ae_title)
-
-
-Priority = Literal["urgent", "routine"]

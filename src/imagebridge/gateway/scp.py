@@ -81,7 +81,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
-            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_CONN_CLOSE, self._on_end),
         ]
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
@@ -259,6 +259,3 @@ class StorageSCP:
                 instances=count,
                 aborted=aborted,
             )
-
-    def _on_close(self, event: evt.Event) -> None:
-        self._on_end(event)

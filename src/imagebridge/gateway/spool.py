@@ -49,7 +49,6 @@ class Outbound:
     in_flight: set[str] = field(default_factory=set)
     active_associations: int = 0
     last_instance_at: float = field(default_factory=time.monotonic)
-    received: int = 0
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -192,7 +191,6 @@ class Spool:
             _write_instance(final, meta, dataset)
         with self.changed:
             t.pending[digest] = final
-            t.received += 1
             t.last_instance_at = time.monotonic()
             self.changed.notify_all()
         return digest, t.local_id

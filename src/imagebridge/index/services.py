@@ -61,8 +61,8 @@ def index_instances(
     session.flush()
     existing: dict[tuple[int, str], Instance] = {}
     series_ids = {p[0].id for p in placed if not isinstance(p, IdentityConflict)}
+    uids = [p[1].sop_instance_uid for p in placed if not isinstance(p, IdentityConflict)]
     for series_id in series_ids:
-        uids = [p[1].sop_instance_uid for p in placed if not isinstance(p, IdentityConflict)]
         for instance in session.scalars(
             select(Instance).where(
                 Instance.series_id == series_id, Instance.sop_instance_uid.in_(uids)
