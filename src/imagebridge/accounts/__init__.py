@@ -1,0 +1,1 @@
+"""User accounts: passwords, two-factor login, users and their roles."""

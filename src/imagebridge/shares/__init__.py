@@ -1,0 +1,1 @@
+"""Legal access: studies and reports shared with external users for a limited time."""
