@@ -1,6 +1,6 @@
 """Import every area's models so that the metadata (and Alembic) sees all tables."""
 
-from imagebridge.audit.models import AuditEvent
+from imagebridge.audit.models import AuditEvent, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import Gateway, Institution
@@ -9,6 +9,7 @@ from imagebridge.transfers.models import Report, Transfer, TransferInstance, Tra
 
 __all__ = [
     "AuditEvent",
+    "AuditForwarding",
     "Base",
     "Blob",
     "Gateway",
