@@ -1,12 +1,12 @@
-"""Every route of the hub's API declares who may call it, and refuses everyone else.
+"""Every route of the hub's API checks a permission, and refuses everyone without it.
 
-The app is built in-process from its own route table, so a route added later without an
-authentication check fails here before anyone can call it.
+The app is built in-process from its own route table, so a route added later without a
+check fails here before anyone can call it. Then the whole table is walked against a user of
+every built-in role, a gateway, the bootstrap credential and no credential at all.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,22 +15,20 @@ import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
 
-from imagebridge.hub.app import create_app
+from hubapp import OUTSIDE, HubClient, InProcessHub, Person
+from imagebridge.accounts.permissions import BUILTIN_ROLES, Permission
 from imagebridge.hub.auth import (
-    AUTH_CHECKS,
     GatewayActor,
-    Member,
+    checks_of,
     public,
-    require_admin,
+    require,
     require_gateway,
-    require_member,
+    require_login,
 )
-from imagebridge.hub.state import Hub
-from imagebridge.settings import HubSettings
 
 # FastAPI's own documentation routes: open to anyone by choice, and nothing else is.
 DOCUMENTATION_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-PUBLIC_ROUTES = {("GET", "/api/v1/health")}
+PUBLIC_ROUTES = {("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login")}
 BAD_CREDENTIALS = {
     "no token": {},
     "empty bearer": {"Authorization": "Bearer "},
@@ -38,6 +36,19 @@ BAD_CREDENTIALS = {
     "unknown token": {"Authorization": "Bearer nonsense"},
     "forged gateway token": {"Authorization": "Bearer ibg_forged-token-that-was-never-issued"},
     "forged admin token": {"Authorization": "Bearer iba_forged-token-that-was-never-issued"},
+    "forged API token": {"Authorization": "Bearer ibu_forged-token-that-was-never-issued"},
+    "forged session cookie": {"Cookie": "ib_session=ibs_forged-session-never-opened"},
+}
+# Spot checks that the table says what the product promises.
+EXPECTED = {
+    ("POST", "/api/v1/institutions"): {"admin_network"},
+    ("POST", "/api/v1/institutions/{code}/agreements"): {"admin_network"},
+    ("POST", "/api/v1/transfers"): {"send_studies"},
+    ("GET", "/api/v1/transfers"): {"track_transfers"},
+    ("GET", "/api/v1/audit"): {"read_audit"},
+    ("POST", "/api/v1/users"): {"admin_institution", "admin_network"},
+    ("POST", "/api/v1/shares"): {"share_external"},
+    ("GET", "/api/v1/shared/{share_id}/package"): {"view_shared"},
 }
 
 
@@ -50,40 +61,10 @@ def _routes(app: FastAPI) -> list[Any]:
     return list(iter_route_contexts(app.routes))
 
 
-class HubClient:
-    """A synchronous client calling the app in-process through httpx's ASGI transport."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://hub.test"
-        )
-
-    def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return self._loop.run_until_complete(self._client.request(method, url, **kwargs))
-
-    def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._client.aclose())
-        self._loop.close()
-
-
 def _calls(dependant: Any) -> Iterator[Callable[..., Any]]:
     for sub in dependant.dependencies:
         yield sub.call
         yield from _calls(sub)
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
-    hub = Hub.open(HubSettings(data_dir=tmp_path_factory.mktemp("hub")))
-    yield create_app(hub)
-    hub.engine.dispose()
 
 
 def auth_table(app: FastAPI) -> tuple[dict[tuple[str, str], Callable[..., Any]], list[str]]:
@@ -96,7 +77,7 @@ def auth_table(app: FastAPI) -> tuple[dict[tuple[str, str], Callable[..., Any]],
             if route.path not in DOCUMENTATION_ROUTES:
                 problems.append(f"unexpected non-API route {route.path}")
             continue
-        used = {call for call in _calls(dependant) if call in AUTH_CHECKS}
+        used = {call for call in _calls(dependant) if checks_of(call) is not None}
         for method in sorted(route.methods - {"HEAD"}):
             if len(used) == 1:
                 found[(method, route.path)] = next(iter(used))
@@ -107,54 +88,69 @@ def auth_table(app: FastAPI) -> tuple[dict[tuple[str, str], Callable[..., Any]],
 
 
 @pytest.fixture(scope="module")
-def checks(app: FastAPI) -> dict[tuple[str, str], Callable[..., Any]]:
-    found, problems = auth_table(app)
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessHub]:
+    t = InProcessHub(tmp_path_factory.mktemp("hub"))
+    t.add_institution("SEG")
+    t.add_institution("RVH")
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def checks(net: InProcessHub) -> dict[tuple[str, str], Callable[..., Any]]:
+    found, problems = auth_table(net.app)
     assert not problems, "\n".join(problems)
     return found
 
 
 @pytest.fixture(scope="module")
-def client(app: FastAPI) -> Iterator[HubClient]:
-    c = HubClient(app)
-    yield c
-    c.close()
+def people(net: InProcessHub) -> dict[str, Person]:
+    """A logged-in user of every built-in role (from outside: with the second factor)."""
+    out = {}
+    for role in BUILTIN_ROLES:
+        if role == "external_legal":
+            net.add_user("SEG", "solicitor", [], external=True)
+            out[role] = net.log_in("solicitor", OUTSIDE)
+        else:
+            net.add_user("SEG", role, [role])
+            out[role] = net.log_in(role, OUTSIDE)
+    return out
 
 
-@pytest.fixture(scope="module")
-def admin_token(app: FastAPI) -> str:
-    hub: Hub = app.state.hub
-    return hub.admin_token
+def _url(path: str) -> str:
+    """A concrete URL naming nothing that exists, so that no allowed call changes state."""
+    for name, value in (
+        ("{code}", "NOPE"),
+        ("{transfer_id}", "no-such-transfer"),
+        ("{gateway_id}", "999999"),
+        ("{user_id}", "999999"),
+        ("{token_id}", "999999"),
+        ("{share_id}", "999999"),
+    ):
+        path = path.replace(name, value)
+    assert "{" not in path, f"give the test a value for {path}"
+    return path
 
 
-@pytest.fixture(scope="module")
-def gateway_token(client: HubClient, admin_token: str) -> str:
-    headers = {"Authorization": f"Bearer {admin_token}"}
-    r = client.post("/api/v1/institutions", json={"code": "SEG", "name": "SEG"}, headers=headers)
-    assert r.status_code == 201, r.text
-    r = client.post("/api/v1/institutions/SEG/gateways", json={"name": "gw"}, headers=headers)
-    assert r.status_code == 201, r.text
-    token: str = r.json()["token"]
-    return token
-
-
-def _call(client: HubClient, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
-    url = path.replace("{", "").replace("}", "")  # e.g. /transfers/transfer_id
-    for name in ("gateway_id",):  # integer path parameters
-        url = url.replace(name, "1")
+def _call(
+    client: HubClient | Person, method: str, path: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
     body = {"json": {}} if method in ("POST", "PUT", "PATCH") else {}
-    return client.request(method, url, headers=headers, **body)
+    return client.request(method, _url(path), headers=headers or {}, **body)
 
 
 def test_every_route_has_exactly_one_auth_check(
-    app: FastAPI, checks: dict[tuple[str, str], Callable[..., Any]]
+    net: InProcessHub, checks: dict[tuple[str, str], Callable[..., Any]]
 ) -> None:
     assert {route for route, check in checks.items() if check is public} == PUBLIC_ROUTES
-    documented = {route.path for route in _routes(app) if getattr(route, "dependant", None) is None}
+    documented = {
+        route.path for route in _routes(net.app) if getattr(route, "dependant", None) is None
+    }
     assert documented == DOCUMENTATION_ROUTES
-    # Sanity: the walk really reached the routers' routes.
-    assert checks[("GET", "/api/v1/audit")] is require_admin
+    # The walk really reached the routers' routes, and found what each one checks.
     assert checks[("POST", "/api/v1/transfers/{transfer_id}/instances")] is require_gateway
-    assert checks[("GET", "/api/v1/transfers")] is require_member
+    for route, wanted in EXPECTED.items():
+        assert checks_of(checks[route]) == wanted, route
 
 
 def institution_of(actor: GatewayActor) -> Any:
@@ -163,14 +159,15 @@ def institution_of(actor: GatewayActor) -> Any:
 
 
 def test_the_walk_finds_routes_without_exactly_one_check() -> None:
-    """The check of the route table itself: unauthenticated or doubly-checked routes fail."""
+    """The check of the route table itself: unchecked or doubly-checked routes fail."""
     router = APIRouter(prefix="/api/v1")
+    admin = require(Permission.ADMIN_NETWORK)
 
     @router.get("/open")
     def open_route() -> None: ...
 
-    @router.get("/both", dependencies=[Depends(require_admin)])
-    def both(actor: Member) -> None: ...
+    @router.get("/both", dependencies=[Depends(admin)])
+    def both(actor: GatewayActor) -> None: ...
 
     @router.get("/nested")
     def nested(institution: Annotated[Any, Depends(institution_of)]) -> None: ...
@@ -181,22 +178,25 @@ def test_the_walk_finds_routes_without_exactly_one_check() -> None:
     assert found == {("GET", "/api/v1/nested"): require_gateway}
     assert problems == [
         "GET /api/v1/open: 0 auth checks []",
-        "GET /api/v1/both: 2 auth checks ['require_admin', 'require_member']",
+        "GET /api/v1/both: 2 auth checks ['require_admin_network', 'require_gateway']",
     ]
 
 
-def test_public_routes_answer_without_a_token(
-    client: HubClient, checks: dict[tuple[str, str], Callable[..., Any]]
+def test_public_routes_answer_without_credentials(
+    net: InProcessHub, checks: dict[tuple[str, str], Callable[..., Any]]
 ) -> None:
-    for method, path in PUBLIC_ROUTES:
-        assert _call(client, method, path, {}).status_code == 200
+    client = net.client()
+    assert client.get("/api/v1/health").status_code == 200
+    # The login form is open, and says no without revealing whether the user exists.
+    r = client.post("/api/v1/auth/login", json={"username": "nobody", "password": "x" * 12})
+    assert r.status_code == 401 and r.json()["detail"] == "wrong user name or password"
     for path in DOCUMENTATION_ROUTES - {"/docs/oauth2-redirect"}:
         assert client.get(path).status_code == 200
 
 
 @pytest.mark.parametrize("credentials", list(BAD_CREDENTIALS), ids=list(BAD_CREDENTIALS))
-def test_routes_refuse_missing_or_bad_tokens(
-    client: HubClient,
+def test_routes_refuse_missing_or_bad_credentials(
+    net: InProcessHub,
     checks: dict[tuple[str, str], Callable[..., Any]],
     credentials: str,
 ) -> None:
@@ -205,7 +205,7 @@ def test_routes_refuse_missing_or_bad_tokens(
     for (method, path), check in checks.items():
         if check is public:
             continue
-        r = _call(client, method, path, headers)
+        r = _call(net.client(), method, path, headers)
         if r.status_code not in (401, 403):
             wrong.append(f"{method} {path}: {r.status_code} {r.text[:100]}")
         elif r.status_code == 401:
@@ -213,40 +213,65 @@ def test_routes_refuse_missing_or_bad_tokens(
     assert not wrong, "\n".join(wrong)
 
 
-def test_admin_routes_refuse_a_gateway_token(
-    client: HubClient, checks: dict[tuple[str, str], Callable[..., Any]], gateway_token: str
+@pytest.mark.parametrize("role", list(BUILTIN_ROLES))
+def test_route_role_matrix(
+    checks: dict[tuple[str, str], Callable[..., Any]], people: dict[str, Person], role: str
 ) -> None:
-    headers = {"Authorization": f"Bearer {gateway_token}"}
-    admin_routes = [route for route, check in checks.items() if check is require_admin]
-    assert len(admin_routes) >= 4
-    answers = {route: _call(client, *route, headers).status_code for route in admin_routes}
-    assert answers == {route: 403 for route in admin_routes}
-    # The same token is good where a gateway may go.
-    assert client.get("/api/v1/gateway/config", headers=headers).status_code == 200
+    """A role's user gets past exactly the checks its permissions meet, on every route."""
+    person = people[role]
+    held = {p.value for p in BUILTIN_ROLES[role]}
+    if role == "external_legal":
+        held = {"view_shared"}
+    wrong = []
+    for (method, path), check in sorted(checks.items()):
+        if check in (public, require_login):
+            continue  # the login steps themselves: tested in test_login
+        status = _call(person, method, path).status_code
+        allowed = check is not require_gateway and bool(checks_of(check) & held)  # type: ignore[operator]
+        if allowed and status in (401, 403):
+            wrong.append(f"{method} {path}: {status}, but {role} may")
+        if not allowed and status != 403:
+            wrong.append(f"{method} {path}: {status}, but {role} may not")
+    assert not wrong, "\n".join(wrong)
 
 
-def test_gateway_routes_refuse_the_admin_token(
-    client: HubClient, checks: dict[tuple[str, str], Callable[..., Any]], admin_token: str
+def test_gateway_token_reaches_gateway_routes_and_its_permissions_only(
+    net: InProcessHub, checks: dict[tuple[str, str], Callable[..., Any]]
 ) -> None:
-    """The administrator acts through the API, never as a gateway of some institution."""
-    headers = {"Authorization": f"Bearer {admin_token}"}
+    headers = {"Authorization": f"Bearer {net.gateway_token('SEG')}"}
+    held = {"send_studies", "track_transfers"}
+    wrong = []
+    for (method, path), check in sorted(checks.items()):
+        if check is public:
+            continue
+        status = _call(net.client(), method, path, headers).status_code
+        allowed = check is require_gateway or bool((checks_of(check) or set()) & held)
+        if allowed == (status in (401, 403)):
+            wrong.append(f"{method} {path}: {status}")
+    assert not wrong, "\n".join(wrong)
+    assert net.client().get("/api/v1/gateway/config", headers=headers).status_code == 200
+
+
+def test_bootstrap_credential_is_for_the_hubs_host_only(
+    net: InProcessHub, checks: dict[tuple[str, str], Callable[..., Any]]
+) -> None:
+    """The administrator's bootstrap token works from loopback, never as a gateway, and
+    never from another address."""
     gateway_routes = [route for route, check in checks.items() if check is require_gateway]
     assert len(gateway_routes) >= 5
-    answers = {route: _call(client, *route, headers).status_code for route in gateway_routes}
-    assert all(status in (401, 403) for status in answers.values()), answers
-    assert client.get("/api/v1/audit", headers=headers).status_code == 200
+    for route in gateway_routes:
+        assert _call(net.client(), *route, net.admin_headers).status_code in (401, 403), route
+    assert net.client().get("/api/v1/audit", headers=net.admin_headers).status_code == 200
+    r = net.client(OUTSIDE).get("/api/v1/audit", headers=net.admin_headers)
+    assert r.status_code == 403 and "host only" in r.json()["detail"]
 
 
-def test_a_revoked_gateway_token_is_refused(
-    client: HubClient, admin_token: str, tmp_path: Path
-) -> None:
-    admin = {"Authorization": f"Bearer {admin_token}"}
-    r = client.post("/api/v1/institutions", json={"code": "RVK", "name": "Revoked"}, headers=admin)
-    assert r.status_code == 201, r.text
-    issued = client.post("/api/v1/institutions/RVK/gateways", json={"name": "old"}, headers=admin)
+def test_a_revoked_gateway_token_is_refused(net: InProcessHub, tmp_path: Path) -> None:
+    net.add_institution("RVK")
+    issued = net.admin("POST", "/api/v1/institutions/RVK/gateways", json={"name": "old"})
     gw = {"Authorization": f"Bearer {issued.json()['token']}"}
+    client = net.client()
     assert client.get("/api/v1/gateway/config", headers=gw).status_code == 200
-    r = client.post(f"/api/v1/gateways/{issued.json()['id']}/revoke", headers=admin)
-    assert r.status_code == 200, r.text
+    net.admin("POST", f"/api/v1/gateways/{issued.json()['id']}/revoke")
     assert client.get("/api/v1/gateway/config", headers=gw).status_code == 401
     assert client.get("/api/v1/transfers", headers=gw).status_code == 401

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from imagebridge import __version__
+from imagebridge.pki.commands import ca
 from imagebridge.settings import GatewaySettings, HubSettings
 
 CONFIG = click.option(
@@ -139,6 +140,119 @@ def add_gateway(config: Path | None, code: str, name: str) -> None:
     click.echo(token)
 
 
+@directory.command("add-user")
+@CONFIG
+@click.argument("code")
+@click.argument("username")
+@click.option("--role", "roles", multiple=True, help="A role name; repeat for several.")
+@click.option("--external", is_flag=True, help="An external user (a solicitor): no roles.")
+@click.option("--display-name", default="")
+@click.option("--email", default="")
+@click.password_option(envvar="IMAGEBRIDGE_NEW_PASSWORD", help="Asked for if not given.")
+def add_user(
+    config: Path | None,
+    code: str,
+    username: str,
+    roles: tuple[str, ...],
+    external: bool,
+    display_name: str,
+    email: str,
+    password: str,
+) -> None:
+    """Add a user to an institution (the first network administrator is made this way)."""
+    from imagebridge.accounts.services import AccountError, create_user
+    from imagebridge.audit.services import record
+    from imagebridge.hub.state import Hub
+    from imagebridge.institutions.services import get_institution
+
+    hub = Hub.open(HubSettings.load(config))
+    with hub.sessions() as session, session.begin():
+        institution = get_institution(session, code)
+        if institution is None:
+            raise click.ClickException(f"no institution {code}")
+        try:
+            user = create_user(
+                session,
+                institution=institution,
+                username=username,
+                password=password,
+                role_names=list(roles),
+                kind="external" if external else "staff",
+                display_name=display_name,
+                email=email,
+            )
+        except AccountError as exc:
+            raise click.ClickException(exc.reason) from exc
+        record(
+            session,
+            "user:account:created",
+            actor_type="admin",
+            actor="cli",
+            institution_id=institution.id,
+            detail={"user": user.username, "roles": list(roles)},
+        )
+    click.echo(f"{user.username} added to {code}")
+
+
+@directory.command("sign-agreement")
+@CONFIG
+@click.argument("code")
+@click.option("--version", "version", required=True, help="The agreement's version.")
+@click.option(
+    "--text",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The signed agreement's text (its SHA-256 is recorded).",
+)
+@click.option("--signatory", required=True, help="Name of who signed.")
+@click.option("--signatory-role", required=True, help="Their role, e.g. Caldicott Guardian.")
+@click.option("--signed-on", type=click.DateTime(["%Y-%m-%d"]), required=True)
+@click.option("--consent-party", type=click.Choice(["sender", "receiver"]), required=True)
+def sign_agreement(
+    config: Path | None,
+    code: str,
+    version: str,
+    text: Path,
+    signatory: str,
+    signatory_role: str,
+    signed_on: Any,
+    consent_party: str,
+) -> None:
+    """Record an institution's signed data sharing agreement."""
+    import hashlib
+
+    from imagebridge.agreements.services import record_agreement
+    from imagebridge.audit.services import record
+    from imagebridge.hub.state import Hub
+    from imagebridge.institutions.services import get_institution
+
+    hub = Hub.open(HubSettings.load(config))
+    with hub.sessions() as session, session.begin():
+        institution = get_institution(session, code)
+        if institution is None:
+            raise click.ClickException(f"no institution {code}")
+        record_agreement(
+            session,
+            institution,
+            version=version,
+            text_sha256=hashlib.sha256(text.read_bytes()).hexdigest(),
+            signatory_name=signatory,
+            signatory_role=signatory_role,
+            signed_on=signed_on.date(),
+            consent_party=consent_party,
+            recorded_by="cli",
+        )
+        record(
+            session,
+            "agreement:agreement:recorded",
+            actor_type="admin",
+            actor="cli",
+            institution_id=institution.id,
+            detail={"version": version, "consent_party": consent_party},
+        )
+    click.echo(f"agreement {version} of {code} recorded")
+
+
 @main.command()
 @click.option(
     "--dir",
@@ -154,3 +268,6 @@ def demo(folder: Path | None, slices: int, keep_running: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_demo(folder, slices=slices, keep_running=keep_running))
+
+
+main.add_command(ca)

@@ -1,13 +1,18 @@
 """Import every area's models so that the metadata (and Alembic) sees all tables."""
 
+from imagebridge.accounts.models import ApiToken, LoginThrottle, Role, User, UserRole, WebSession
+from imagebridge.agreements.models import Agreement
 from imagebridge.audit.models import AuditEvent, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
-from imagebridge.institutions.models import Gateway, Institution
+from imagebridge.institutions.models import Gateway, Institution, TrustedNetwork
+from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
 
 __all__ = [
+    "Agreement",
+    "ApiToken",
     "AuditEvent",
     "AuditForwarding",
     "Base",
@@ -15,11 +20,19 @@ __all__ = [
     "Gateway",
     "Instance",
     "Institution",
+    "LoginThrottle",
     "Patient",
     "Report",
+    "Role",
     "Series",
+    "Share",
+    "ShareStudy",
     "Study",
     "Transfer",
     "TransferInstance",
     "TransferStudy",
+    "TrustedNetwork",
+    "User",
+    "UserRole",
+    "WebSession",
 ]

@@ -21,6 +21,21 @@ def _ae_title(value: str) -> str:
     return value
 
 
+# Files of transport security, relative to the config file like data_dir.
+TLS_PATHS = (
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_crl",
+    "hub_ca",
+    "hub_tls_cert",
+    "hub_tls_key",
+    "dicom_tls_cert",
+    "dicom_tls_key",
+    "dicom_tls_ca",
+)
+
+
 class _TomlSettings(BaseSettings):
     """Base for settings read from ``--config FILE`` and then overridden by the environment."""
 
@@ -43,11 +58,51 @@ class _TomlSettings(BaseSettings):
                 values = tomllib.load(fh)
             base = path.resolve().parent
             # Relative paths in a config file are relative to that file.
-            for key in ("data_dir",):
+            for key in ("data_dir", *TLS_PATHS):
                 if key in values and not Path(values[key]).is_absolute():
                     values[key] = str(base / values[key])
         values.update(overrides)
         return cls(**values)
+
+
+class AccountPolicy(BaseModel):
+    """How people log in: sessions, lockout and throttling (OWASP ASVS level 2 defaults)."""
+
+    session_idle_minutes: float = Field(30, gt=0, description="Session ends after this idle")
+    session_absolute_hours: float = Field(
+        12, gt=0, description="Session ends this long after login"
+    )
+    cookie_secure: bool = Field(True, description="Session cookie only over HTTPS (and localhost)")
+    lockout_threshold: int = Field(
+        5, ge=1, description="Failed logins in a row that lock an account"
+    )
+    lockout_minutes: float = Field(15, gt=0, description="How long a lock lasts unless lifted")
+    address_failure_limit: int = Field(
+        30, ge=1, description="Failed logins per source address per window before throttling"
+    )
+    address_window_minutes: float = Field(15, gt=0, description="The throttling window")
+    api_token_max_days: int = Field(90, ge=1, description="Longest lifetime of an API token")
+
+
+class AuditRepository(BaseModel):
+    """Where the hub sends its audit trail as IHE ATNA messages (syslog, RFC 5424)."""
+
+    url: str = Field(
+        "",
+        description="syslog+tls://host:6514 (RFC 5425) or syslog+udp://host:514 (RFC 5426); "
+        "empty sends nothing",
+    )
+    ca_file: Path | None = Field(None, description="CA certificates that sign the repository's")
+    cert_file: Path | None = Field(None, description="Client certificate, if the repository asks")
+    key_file: Path | None = Field(None, description="Private key of the client certificate")
+    audit_source_id: str = Field("imagebridge-hub", description="AuditSourceID in every message")
+    enterprise_site_id: str = Field(
+        "ImageBridge", description="AuditEnterpriseSiteID when an event has no institution"
+    )
+    retry_seconds: float = Field(2.0, gt=0, description="First wait after the repository fails")
+    retry_max_seconds: float = Field(60.0, gt=0, description="Longest wait between attempts")
+    poll_seconds: float = Field(1.0, gt=0, description="How often to look for new events")
+    batch: int = Field(200, ge=1, description="Most events sent per round")
 
 
 class HubSettings(_TomlSettings):
@@ -62,6 +117,15 @@ class HubSettings(_TomlSettings):
         "", description="Network administrator API token; default: generated into data_dir"
     )
     inbox_wait_seconds: float = Field(20.0, description="Longest a gateway's inbox poll waits")
+    tls_cert: Path | None = Field(None, description="Server certificate (PEM): HTTPS when set")
+    tls_key: Path | None = Field(None, description="The server certificate's private key")
+    tls_client_ca: Path | None = Field(None, description="CA that gateway certificates chain to")
+    tls_crl: Path | None = Field(None, description="That CA's CRL, re-read when it changes")
+    gateway_port: int | None = Field(
+        None, description="Mutual-TLS listener for gateways; then gateways may use only it"
+    )
+    audit_repository: AuditRepository = Field(default_factory=lambda: AuditRepository())
+    accounts: AccountPolicy = Field(default_factory=lambda: AccountPolicy())
 
     @property
     def resolved_database_url(self) -> str:
@@ -154,5 +218,14 @@ class GatewaySettings(_TomlSettings):
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     spool_min_free_bytes: int = Field(256 * 1024 * 1024, description="Refuse C-STORE below this")
+    hub_ca: Path | None = Field(None, description="The network CA, the only one trusted for it")
+    hub_tls_cert: Path | None = Field(None, description="This gateway's certificate for the hub")
+    hub_tls_key: Path | None = Field(None, description="Its private key")
+    dicom_tls_cert: Path | None = Field(None, description="DICOM TLS for the SCP: certificate")
+    dicom_tls_key: Path | None = Field(None, description="DICOM TLS: the certificate's key")
+    dicom_tls_ca: Path | None = Field(None, description="CA that callers' certificates chain to")
+    dicom_tls_require_client_cert: bool = Field(
+        True, description="Refuse DICOM TLS callers without a certificate from dicom_tls_ca"
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)

@@ -5,6 +5,7 @@ Used by the demo, the tests and the benchmark. Every process it starts it stops,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -117,12 +118,31 @@ class Network:
             timeout=60,
         )
 
-    def add_institution(self, code: str, name: str) -> dict[str, Any]:
+    def add_institution(self, code: str, name: str, *, agreement: bool = True) -> dict[str, Any]:
+        """Add an institution, by default with its data sharing agreement signed."""
         with self.admin() as client:
             r = client.post("/api/v1/institutions", json={"code": code, "name": name})
             r.raise_for_status()
             result: dict[str, Any] = r.json()
-            return result
+        if agreement:
+            self.sign_agreement(code)
+        return result
+
+    def sign_agreement(self, code: str) -> None:
+        text = f"ImageBridge data sharing agreement, version 1, for {code}".encode()
+        with self.admin() as client:
+            r = client.post(
+                f"/api/v1/institutions/{code}/agreements",
+                json={
+                    "version": "1",
+                    "text_sha256": hashlib.sha256(text).hexdigest(),
+                    "signatory_name": "Demo Signatory",
+                    "signatory_role": "Caldicott Guardian",
+                    "signed_on": "2026-01-01",
+                    "consent_party": "sender",
+                },
+            )
+            r.raise_for_status()
 
     def issue_token(self, code: str, name: str = "gateway") -> str:
         with self.admin() as client:

@@ -16,11 +16,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagebridge import __version__
+from imagebridge.accounts.routes import router as accounts_router
+from imagebridge.actors import Actor
+from imagebridge.agreements.routes import router as agreements_router
 from imagebridge.audit.routes import router as audit_router
 from imagebridge.audit.services import record
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
+from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
 
@@ -50,7 +54,15 @@ def create_app(hub: Hub) -> FastAPI:
         await run_in_threadpool(_audit_refusal, hub, request, 422, reason)
         return await request_validation_exception_handler(request, exc)
 
-    for router in (gateway_router, directory_router, transfers_router, audit_router):
+    for router in (
+        gateway_router,
+        accounts_router,
+        directory_router,
+        agreements_router,
+        transfers_router,
+        shares_router,
+        audit_router,
+    ):
         app.include_router(router)
     return app
 
@@ -59,12 +71,15 @@ def _audit_refusal(hub: Hub, request: Request, status: int, reason: str) -> None
     """Every refused request is evidence too: who tried what, from where, and why not."""
     if status < 400 or status >= 500:
         return
+    actor: Actor | None = getattr(request.state, "actor", None)
     with hub.sessions() as session, session.begin():
         record(
             session,
             "http:request:refused",
             "refused" if status in (401, 403) else "failure",
-            actor_type="unknown",
+            actor_type=actor.kind if actor else "unknown",
+            actor=actor.name if actor else "",
+            institution_id=actor.institution_id if actor else None,
             source_address=request.client.host if request.client else "",
             # The path only: query strings may name studies or patients.
             detail={

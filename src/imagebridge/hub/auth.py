@@ -1,18 +1,35 @@
-"""Who is calling: every route depends on exactly one of these checks."""
+"""Who is calling and what they may do: every route depends on exactly one of these checks.
+
+Callers are people (a session cookie from the login, or an API token `ibu_…` limited to
+scopes), gateways (their own token `ibg_…`), or the bootstrap credential in
+data_dir/admin-token, accepted from loopback addresses only so that an operator on the hub's
+machine can set the network up before any user exists.
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from imagebridge.accounts import services as accounts
+from imagebridge.accounts.permissions import BOOTSTRAP_PERMISSIONS, Permission
 from imagebridge.actors import Actor
 from imagebridge.db import utcnow
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.services import authenticate_gateway, token_digest
+
+SESSION_COOKIE = "ib_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# What a gateway may do besides its own routes: open transfers for its institution and
+# follow them.
+GATEWAY_PERMISSIONS = frozenset({Permission.SEND_STUDIES, Permission.TRACK_TRANSFERS})
 
 _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -23,7 +40,7 @@ def get_hub(request: Request) -> Hub:
     return hub
 
 
-def _client(request: Request) -> str:
+def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
@@ -39,8 +56,6 @@ TOKEN_CACHE_SECONDS = 5.0
 
 
 def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
-    if not token.startswith("ibg_"):
-        return None
     key = token_digest(token)
     cached = hub.token_cache.get(key)
     if cached is None or cached[2] < time.monotonic():
@@ -56,47 +71,169 @@ def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
                 time.monotonic() + TOKEN_CACHE_SECONDS,
             )
             hub.token_cache[key] = cached
-    return Actor("gateway", cached[0], cached[1], _client(request))
+    return Actor("gateway", cached[0], cached[1], client_address(request), GATEWAY_PERMISSIONS)
 
 
-def require_admin(request: Request, credentials: Credentials) -> Actor:
-    """The network administrator."""
-    hub = get_hub(request)
-    if credentials is None:
-        raise _unauthorized("authentication required")
-    if not hmac.compare_digest(credentials.credentials.encode(), hub.admin_token.encode()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "network administrator only")
-    return Actor("admin", "network-admin", None, _client(request))
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
-def require_gateway(request: Request, credentials: Credentials) -> Actor:
-    """A gateway, identified by its own token; acts for its institution only."""
-    if credentials is None:
-        raise _unauthorized("authentication required")
-    actor = _gateway_actor(request, get_hub(request), credentials.credentials)
-    if actor is None:
-        raise _unauthorized("unknown or revoked gateway token")
-    return actor
+def _bootstrap_actor(request: Request, hub: Hub, token: str) -> Actor | None:
+    if not hmac.compare_digest(token.encode(), hub.admin_token.encode()):
+        return None
+    address = client_address(request)
+    if not _is_loopback(address):
+        raise HTTPException(403, "the bootstrap credential is accepted from the hub's host only")
+    return Actor("admin", "network-admin", None, address, BOOTSTRAP_PERMISSIONS)
 
 
-def require_member(request: Request, credentials: Credentials) -> Actor:
-    """The administrator or a gateway: what each may see is checked by the route."""
-    if credentials is None:
-        raise _unauthorized("authentication required")
-    hub = get_hub(request)
-    if hmac.compare_digest(credentials.credentials.encode(), hub.admin_token.encode()):
-        return Actor("admin", "network-admin", None, _client(request))
-    actor = _gateway_actor(request, hub, credentials.credentials)
+def _token_actor(request: Request, hub: Hub, token: str) -> Actor:
+    if token.startswith("ibg_"):
+        actor = _gateway_actor(request, hub, token)
+        if actor is None:
+            raise _unauthorized("unknown or revoked gateway token")
+        return actor
+    if token.startswith(accounts.API_TOKEN_PREFIX):
+        with hub.sessions() as session:
+            row = accounts.find_api_token(session, token, hub.clock())
+            if row is None:
+                raise _unauthorized("unknown, expired or revoked API token")
+            user = row.user
+            # A token never carries more than its user holds today.
+            granted = accounts.permissions_of(user) & frozenset(row.scopes)
+            return Actor(
+                "user",
+                user.username,
+                user.institution_id,
+                client_address(request),
+                frozenset(p.value for p in granted),
+                user.id,
+            )
+    actor = _bootstrap_actor(request, hub, token)
     if actor is None:
         raise _unauthorized("unknown token")
     return actor
 
 
+def _session_actor(request: Request, hub: Hub, cookie: str, *, complete: bool) -> Actor:
+    with hub.sessions() as session, session.begin():
+        web_session = accounts.find_session(session, cookie, hub.clock(), hub.settings.accounts)
+        if web_session is None:
+            raise _unauthorized("not logged in, or the session has ended")
+        if complete and not web_session.mfa_passed:
+            raise _unauthorized("the second factor is still required")
+        user = web_session.user
+        perms = accounts.permissions_of(user) if web_session.mfa_passed else frozenset()
+        actor = Actor(
+            "user",
+            user.username,
+            user.institution_id,
+            client_address(request),
+            frozenset(p.value for p in perms),
+            user.id,
+        )
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), accounts.csrf_token(cookie).encode()):
+            raise HTTPException(403, f"missing or wrong {CSRF_HEADER} header")
+    return actor
+
+
+def identify(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, *, complete: bool = True
+) -> Actor:
+    """The caller, from a bearer token or the session cookie; 401 when there is neither."""
+    hub = get_hub(request)
+    if credentials is not None:
+        actor = _token_actor(request, hub, credentials.credentials)
+    else:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if not cookie:
+            raise _unauthorized("authentication required")
+        actor = _session_actor(request, hub, cookie, complete=complete)
+    request.state.actor = actor
+    return actor
+
+
+Check = Callable[[Request, HTTPAuthorizationCredentials | None], Actor]
+
+
+def require(*permissions: Permission) -> Check:
+    """A check that passes callers holding any one of the permissions."""
+    wanted = frozenset(p.value for p in permissions)
+
+    def check(request: Request, credentials: Credentials) -> Actor:
+        actor = identify(request, credentials)
+        if not actor.permissions & wanted:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "this needs the permission " + " or ".join(sorted(wanted)),
+            )
+        return actor
+
+    check.__name__ = "require_" + "_or_".join(sorted(wanted))
+    check.permissions = wanted  # type: ignore[attr-defined]
+    return check
+
+
+def require_gateway(request: Request, credentials: Credentials) -> Actor:
+    """A gateway, identified by its own token; acts for its institution only."""
+    if credentials is None:
+        if request.cookies.get(SESSION_COOKIE):
+            raise HTTPException(403, "for gateways only")
+        raise _unauthorized("authentication required")
+    if not credentials.credentials.startswith("ibg_"):
+        raise HTTPException(403, "for gateways only")
+    actor = _token_actor(request, get_hub(request), credentials.credentials)
+    request.state.actor = actor
+    return actor
+
+
+def require_login(request: Request, credentials: Credentials) -> Actor:
+    """Any logged-in person, even one still owing the second factor: for the login steps
+    (enrolment, code, logout) and one's own account."""
+    actor = identify(request, credentials, complete=False)
+    if actor.kind != "user":
+        raise HTTPException(403, "for people's accounts only")
+    return actor
+
+
 def public() -> None:
-    """Marks a route deliberately open to anyone (health checks)."""
+    """Marks a route deliberately open to anyone (health checks, the login form)."""
 
 
-AUTH_CHECKS = (require_admin, require_gateway, require_member, public)
-Admin = Annotated[Actor, Depends(require_admin)]
+def checks_of(dependency: object) -> frozenset[str] | None:
+    """The permissions a dependency checks, or None if it is not one of the checks here."""
+    if dependency in (require_gateway, require_login, public):
+        return frozenset()
+    return getattr(dependency, "permissions", None)
+
+
 GatewayActor = Annotated[Actor, Depends(require_gateway)]
-Member = Annotated[Actor, Depends(require_member)]
+LoggedIn = Annotated[Actor, Depends(require_login)]
+P = Permission
+NetworkAdmin = Annotated[Actor, Depends(require(P.ADMIN_NETWORK))]
+InstitutionAdmin = Annotated[Actor, Depends(require(P.ADMIN_INSTITUTION, P.ADMIN_NETWORK))]
+Sender = Annotated[Actor, Depends(require(P.SEND_STUDIES))]
+Tracker = Annotated[Actor, Depends(require(P.TRACK_TRANSFERS))]
+Auditor = Annotated[Actor, Depends(require(P.READ_AUDIT))]
+Sharer = Annotated[Actor, Depends(require(P.SHARE_EXTERNAL))]
+SharedViewer = Annotated[Actor, Depends(require(P.VIEW_SHARED))]
+# The directory is what people pick destinations from and gateways route by.
+DirectoryReader = Annotated[
+    Actor,
+    Depends(
+        require(
+            P.SEND_STUDIES,
+            P.TRACK_TRANSFERS,
+            P.QUERY_NETWORK,
+            P.ADMIN_INSTITUTION,
+            P.ADMIN_NETWORK,
+        )
+    ),
+]
+# The audit trail's readers; the name predates the permission system.
+Admin = Auditor

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from imagebridge.db import make_engine, make_sessionmaker
+from imagebridge.accounts.services import ensure_builtin_roles
+from imagebridge.db import make_engine, make_sessionmaker, utcnow
 from imagebridge.migrate import upgrade
 from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import BlobStore, LocalBlobStore
@@ -53,16 +56,21 @@ class Hub:
     admin_token: str
     notifier: InboxNotifier = field(default_factory=InboxNotifier)
     token_cache: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    # The hub's clock, replaceable so that tests of expiry and lockout need not sleep.
+    clock: Callable[[], datetime] = utcnow
 
     @classmethod
     def open(cls, settings: HubSettings) -> Hub:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
         upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        with sessions() as session, session.begin():
+            ensure_builtin_roles(session)
         return cls(
             settings=settings,
             engine=engine,
-            sessions=make_sessionmaker(engine),
+            sessions=sessions,
             blobs=LocalBlobStore(settings.resolved_blob_dir),
             admin_token=settings.admin_token or _admin_token(settings.data_dir),
         )

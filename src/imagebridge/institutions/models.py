@@ -38,3 +38,14 @@ class Gateway(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     institution: Mapped[Institution] = relationship(back_populates="gateways")
+
+
+class TrustedNetwork(Base):
+    """An address range of an institution's own network: logins from inside it may skip the
+    second factor (never for administrators or external users)."""
+
+    __tablename__ = "trusted_networks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
+    cidr: Mapped[str] = mapped_column(String(64))

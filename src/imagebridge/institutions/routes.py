@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from imagebridge.actors import manages
 from imagebridge.audit.services import record
-from imagebridge.hub.auth import Admin, Member, get_hub
+from imagebridge.hub.auth import DirectoryReader, InstitutionAdmin, NetworkAdmin, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Gateway, Institution
 from imagebridge.institutions.services import (
@@ -45,7 +46,7 @@ def _out(i: Institution) -> dict[str, Any]:
 
 
 @router.post("/institutions", status_code=201)
-def add_institution(body: InstitutionIn, actor: Admin, hub: HubDep) -> dict[str, Any]:
+def add_institution(body: InstitutionIn, actor: NetworkAdmin, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         try:
             institution = create_institution(
@@ -64,17 +65,17 @@ def add_institution(body: InstitutionIn, actor: Admin, hub: HubDep) -> dict[str,
 
 
 @router.get("/institutions")
-def list_institutions(actor: Member, hub: HubDep) -> list[dict[str, Any]]:
+def list_institutions(actor: DirectoryReader, hub: HubDep) -> list[dict[str, Any]]:
     with hub.sessions() as session:
         return [_out(i) for i in session.scalars(select(Institution).order_by(Institution.code))]
 
 
 @router.post("/institutions/{code}/gateways", status_code=201)
-def add_gateway(code: str, body: GatewayIn, actor: Admin, hub: HubDep) -> dict[str, Any]:
+def add_gateway(code: str, body: GatewayIn, actor: InstitutionAdmin, hub: HubDep) -> dict[str, Any]:
     """Register a gateway; its secret token is in this answer and nowhere else."""
     with hub.sessions() as session, session.begin():
         institution = get_institution(session, code)
-        if institution is None:
+        if institution is None or not manages(actor, institution.id):
             raise HTTPException(404, "no such institution")
         gateway, token = issue_gateway(session, institution, body.name)
         record(
@@ -88,10 +89,10 @@ def add_gateway(code: str, body: GatewayIn, actor: Admin, hub: HubDep) -> dict[s
 
 
 @router.post("/gateways/{gateway_id}/revoke")
-def revoke(gateway_id: int, actor: Admin, hub: HubDep) -> dict[str, Any]:
+def revoke(gateway_id: int, actor: InstitutionAdmin, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         gateway = session.get(Gateway, gateway_id)
-        if gateway is None:
+        if gateway is None or not manages(actor, gateway.institution_id):
             raise HTTPException(404, "no such gateway")
         revoke_gateway(session, gateway)
         record(

@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from imagebridge.actors import Actor
+from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.dicom.part10 import BadDataset, Header, read_header
-from imagebridge.hub.auth import GatewayActor, Member, get_hub
+from imagebridge.hub.auth import GatewayActor, Sender, Tracker, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
@@ -69,7 +70,7 @@ def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Tran
     transfer = session.get(Transfer, transfer_id)
     if transfer is None:
         raise HTTPException(404, "no such transfer")
-    if actor.kind == "admin":
+    if actor.network_wide:
         return transfer
     allowed = {
         "sender": transfer.sender_institution_id,
@@ -82,12 +83,12 @@ def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Tran
 
 
 @router.post("/transfers", status_code=201)
-def create(body: TransferIn, actor: Member, hub: HubDep) -> dict[str, Any]:
+def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
-        if actor.kind == "gateway":
+        if not actor.network_wide:
             sender = session.get(Institution, actor.institution_id)
             if body.sender is not None and sender is not None and body.sender != sender.code:
-                raise HTTPException(403, "a gateway sends for its own institution only")
+                raise HTTPException(403, "one sends for one's own institution only")
         elif body.sender is None:
             raise HTTPException(422, "sender is required")
         else:
@@ -95,6 +96,9 @@ def create(body: TransferIn, actor: Member, hub: HubDep) -> dict[str, Any]:
         receiver = get_institution(session, body.receiver)
         if sender is None or receiver is None:
             raise HTTPException(404, "unknown sender or receiver institution")
+        refusal = exchange_refusal(session, sender.id, receiver.id)
+        if refusal:
+            raise HTTPException(403, refusal)
         try:
             transfer, _ = services.create_transfer(
                 session,
@@ -118,14 +122,14 @@ def create(body: TransferIn, actor: Member, hub: HubDep) -> dict[str, Any]:
 
 @router.get("/transfers")
 def list_transfers(
-    actor: Member,
+    actor: Tracker,
     hub: HubDep,
     box: Literal["inbox", "outbox", "all"] = "all",
     status: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
     query = select(Transfer)
-    if actor.kind == "gateway":
+    if not actor.network_wide:
         me = actor.institution_id
         if box == "inbox":
             query = query.where(Transfer.receiver_institution_id == me)
@@ -143,7 +147,7 @@ def list_transfers(
 
 
 @router.get("/transfers/{transfer_id}")
-def get_transfer(transfer_id: str, actor: Member, hub: HubDep) -> dict[str, Any]:
+def get_transfer(transfer_id: str, actor: Tracker, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session:
         return services.describe(session, _load(session, transfer_id, actor, "sender", "receiver"))
 
@@ -161,7 +165,7 @@ def close(transfer_id: str, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
 
 
 @router.post("/transfers/{transfer_id}/retry")
-def retry(transfer_id: str, actor: Member, hub: HubDep) -> dict[str, Any]:
+def retry(transfer_id: str, actor: Tracker, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender", "receiver")
         services.retry_failed(session, transfer, actor)
@@ -192,7 +196,7 @@ def deliveries(
 async def attach_report(
     transfer_id: str,
     request: Request,
-    actor: Member,
+    actor: Sender,
     hub: HubDep,
     title: str = Query("Report", max_length=64),
     study_instance_uid: str | None = Query(None, max_length=64),
@@ -303,6 +307,11 @@ async def upload_instances(
         transfer = _load(session, transfer_id, actor, "sender")
         if transfer.status != TransferStatus.receiving:
             raise HTTPException(409, f"transfer is {transfer.status}, no longer receiving")
+        refusal = exchange_refusal(
+            session, transfer.sender_institution_id, transfer.receiver_institution_id
+        )
+        if refusal:
+            raise HTTPException(403, refusal)
     decoder = FrameDecoder(MAX_INSTANCE_BYTES)
     staged: list[tuple[str, BlobWriter | None]] = []
     writer: BlobWriter | None = None

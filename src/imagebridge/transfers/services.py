@@ -11,6 +11,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
+from imagebridge.agreements.services import institutions_in_force
 from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
@@ -329,9 +330,17 @@ def next_work(
     """Lease the next deliverable items for an institution: urgent first, then oldest."""
     now = utcnow()
     free = or_(TransferInstance.lease_until.is_(None), TransferInstance.lease_until < now)
+    # A withdrawn agreement stops delivery at once, on either side.
+    in_force = institutions_in_force(session)
+    if receiver_id not in in_force:
+        return None
     transfers = session.scalars(
         select(Transfer)
-        .where(Transfer.receiver_institution_id == receiver_id, Transfer.status.in_(OPEN_STATUSES))
+        .where(
+            Transfer.receiver_institution_id == receiver_id,
+            Transfer.status.in_(OPEN_STATUSES),
+            Transfer.sender_institution_id.in_(in_force),
+        )
         .order_by(Transfer.priority_rank, Transfer.created_at)
     ).all()
     lease = now + timedelta(seconds=lease_seconds)

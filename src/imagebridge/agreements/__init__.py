@@ -1,0 +1,1 @@
+"""Data sharing agreements between each institution and the network."""
