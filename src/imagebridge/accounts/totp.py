@@ -121,18 +121,17 @@ def hash_recovery_code(code: str) -> str:
 
     No salt and no slow hash: a code carries 60 random bits, beyond any guessing.
     """
-    normalised = _normalise_recovery_code(code)
-    if normalised is None:
+    digest = _recovery_digest(code)
+    if digest is None:
         raise ValueError("not a recovery code")
-    return hashlib.sha256(normalised.encode("ascii")).hexdigest()
+    return digest
 
 
 def match_recovery_code(code: str, hashes: list[str]) -> str | None:
     """The hash in ``hashes`` that ``code`` matches (the caller then removes it), or None."""
-    normalised = _normalise_recovery_code(code)
-    if normalised is None:
+    digest = _recovery_digest(code)
+    if digest is None:
         return None
-    digest = hashlib.sha256(normalised.encode("ascii")).hexdigest()
     matched = None
     for stored in hashes:
         if hmac.compare_digest(stored.encode("ascii", "replace"), digest.encode("ascii")):
@@ -140,9 +139,12 @@ def match_recovery_code(code: str, hashes: list[str]) -> str | None:
     return matched
 
 
-def _normalise_recovery_code(code: str) -> str | None:
+def _recovery_digest(code: str) -> str | None:
+    """SHA-256 (hex) of the code's symbols, or None if it is no recovery code."""
     symbols = re.sub(r"[\s-]", "", code).lower().translate(_LOOKALIKES)
-    return symbols if _RECOVERY_CODE.fullmatch(symbols) else None
+    if not _RECOVERY_CODE.fullmatch(symbols):
+        return None
+    return hashlib.sha256(symbols.encode("ascii")).hexdigest()
 
 
 def _decode_secret(secret: str) -> bytes:

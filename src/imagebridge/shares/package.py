@@ -74,7 +74,10 @@ def write_package(
         try:
             instance = file_set.add(header)
         except (ValueError, KeyError, AttributeError) as exc:
-            raise PackageError(f"{label}: cannot be listed in a DICOMDIR: {exc}") from exc
+            # pydicom wraps the reason ("The instance's ... element is missing") in advice
+            # for programmers; the user needs the reason only.
+            reason = str(exc).split(". See DICOM", 1)[0].rsplit(": ", 1)[-1]
+            raise PackageError(f"{label}: cannot be listed in a DICOMDIR: {reason}") from exc
         entries.append((label, path, instance))
     if not entries:
         raise PackageError("there is nothing to package")
