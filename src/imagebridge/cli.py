@@ -253,6 +253,37 @@ def sign_agreement(
     click.echo(f"agreement {version} of {code} recorded")
 
 
+@main.group()
+def audit() -> None:
+    """The audit trail: check that it is intact."""
+
+
+@audit.command("verify")
+@CONFIG
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    metavar="ID[:HASH]",
+    help="An event known to exist, e.g. a head printed by an earlier run (repeatable).",
+)
+def audit_verify(config: Path | None, anchors: tuple[str, ...]) -> None:
+    """Walk the hash chain; exit 1 at the first altered, inserted or deleted event."""
+    from imagebridge.audit.services import VerifyError, verify_database
+
+    try:
+        report = verify_database(HubSettings.load(config).resolved_database_url, anchors)
+    except VerifyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if report.fault is None:
+        click.echo(f"intact: {report.events} events; head {report.head_id} {report.head_hash}")
+        return
+    fault = report.fault
+    click.echo(f"NOT intact: event {fault.event_id} {fault.kind}: {fault.reason}")
+    click.echo(f"{report.events} events verified before it; last good {report.head_id}")
+    sys.exit(1)
+
+
 @main.command()
 @click.option(
     "--dir",

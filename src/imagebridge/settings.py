@@ -104,6 +104,13 @@ class AuditRepository(BaseModel):
     poll_seconds: float = Field(1.0, gt=0, description="How often to look for new events")
     batch: int = Field(200, ge=1, description="Most events sent per round")
 
+    @field_validator("url")
+    @classmethod
+    def _syslog_url(cls, value: str) -> str:
+        if value and not value.startswith(("syslog+tls://", "syslog+udp://")):
+            raise ValueError("the audit repository is syslog+tls://host:port or syslog+udp://...")
+        return value
+
 
 class HubSettings(_TomlSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_HUB_", env_nested_delimiter="__")

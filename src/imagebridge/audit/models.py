@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +11,9 @@ from sqlalchemy.orm import Mapped, Session, UOWTransaction, mapped_column
 
 from imagebridge.audit.chain import FIELDS, GENESIS, event_hash
 from imagebridge.db import Base, UTCDateTime, utcnow
+
+# Set whenever a transaction that appended events commits: wakes the forwarder at once.
+APPENDED = threading.Event()
 
 # pg_advisory_xact_lock key that serialises appends to the chain ("IBAUDIT" in ASCII).
 CHAIN_LOCK_KEY = 0x4942415544495400
@@ -73,6 +77,7 @@ def _link_new_events(session: Session, _context: UOWTransaction, _instances: Any
         select(AuditEvent.id, AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
     ).first()
     last_id, last_hash = (head[0], head[1]) if head else (0, GENESIS)
+    session.info["audit_appended"] = True
     for obj in new:
         _fill_defaults(obj)
         last_id += 1
@@ -86,5 +91,16 @@ def _fill_defaults(obj: AuditEvent) -> None:
     for column in AuditEvent.__table__.columns:
         default = column.default
         if getattr(obj, column.key) is None and default is not None:
-            value = default.arg if default.is_scalar else default.arg(None)  # type: ignore[attr-defined]
+            value = default.arg if default.is_scalar else default.arg(None)
             setattr(obj, column.key, value)
+
+
+@event.listens_for(Session, "after_commit")
+def _announce(session: Session) -> None:
+    if session.info.pop("audit_appended", False):
+        APPENDED.set()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop("audit_appended", None)

@@ -1,13 +1,15 @@
-"""HTTP API of the audit trail."""
+"""HTTP API of the audit trail: the auditor's search and the chain's verification."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, HTTPException, Query
 
-from imagebridge.audit.models import AuditEvent
+from imagebridge.audit import services
+from imagebridge.audit.chain import Anchor
 from imagebridge.hub.auth import Admin, get_hub
 from imagebridge.hub.state import Hub
 
@@ -18,38 +20,71 @@ router = APIRouter(prefix="/api/v1", tags=["audit"])
 def list_events(
     actor: Admin,
     hub: Annotated[Hub, Depends(get_hub)],
-    action: str | None = Query(None, description="Exact tag, or a prefix ending in ':'"),
+    action: Annotated[str | None, Query(description="Exact tag, or a prefix ending in ':'")] = None,
     transfer: str | None = None,
     outcome: str | None = None,
+    patient: Annotated[
+        str | None, Query(description="Patient reference (PatientID) exactly")
+    ] = None,
+    study: Annotated[str | None, Query(description="StudyInstanceUID")] = None,
+    user: Annotated[str | None, Query(description="The actor: user or gateway name")] = None,
+    institution: Annotated[str | None, Query(description="Institution code")] = None,
+    since: Annotated[
+        datetime | None, Query(description="From this time (ISO 8601, with zone)")
+    ] = None,
+    until: Annotated[
+        datetime | None, Query(description="Before this time (ISO 8601, with zone)")
+    ] = None,
     after_id: int = 0,
-    limit: int = Query(200, ge=1, le=5000),
+    limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> list[dict[str, Any]]:
-    query = select(AuditEvent).where(AuditEvent.id > after_id)
-    if action:
-        query = query.where(
-            AuditEvent.action.startswith(action)
-            if action.endswith(":")
-            else AuditEvent.action == action
-        )
-    if transfer:
-        query = query.where(AuditEvent.transfer_ref == transfer)
-    if outcome:
-        query = query.where(AuditEvent.outcome == outcome)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise HTTPException(422, f"{name} needs a time zone, e.g. 2026-11-28T09:00:00Z")
+    query = services.search(
+        action=action,
+        transfer=transfer,
+        outcome=outcome,
+        patient=patient,
+        study=study,
+        actor=user,
+        institution=institution,
+        since=since,
+        until=until,
+        after_id=after_id,
+        limit=limit,
+    )
     with hub.sessions() as session:
-        return [
-            {
-                "id": e.id,
-                "at": e.at,
-                "actor_type": e.actor_type,
-                "actor": e.actor,
-                "institution_id": e.institution_id,
-                "action": e.action,
-                "outcome": e.outcome,
-                "patient_ref": e.patient_ref,
-                "study_ref": e.study_ref,
-                "transfer_ref": e.transfer_ref,
-                "source_address": e.source_address,
-                "detail": e.detail,
-            }
-            for e in session.scalars(query.order_by(AuditEvent.id).limit(limit))
-        ]
+        return [services.as_dict(e) for e in session.scalars(query)]
+
+
+@router.get("/audit/verify")
+def verify(
+    actor: Admin,
+    hub: Annotated[Hub, Depends(get_hub)],
+    anchor: Annotated[
+        tuple[str, ...],
+        Query(description="ID or ID:HASH of an event known to exist, e.g. a head noted earlier"),
+    ] = (),
+) -> dict[str, Any]:
+    """Walk the hash chain and report the first altered, inserted or deleted event."""
+    try:
+        anchors = [Anchor.parse(a) for a in anchor]
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    report = services.verify_chain(hub.sessions, anchors)
+    with hub.sessions() as session, session.begin():
+        services.record(
+            session,
+            "audit:trail:verified",
+            "success" if report.intact else "failure",
+            institution_id=actor.institution_id,
+            detail={"events": report.events, "fault": report.fault and report.fault.kind},
+            **actor.audit(),
+        )
+    return {
+        "intact": report.intact,
+        "events": report.events,
+        "head": {"id": report.head_id, "hash": report.head_hash},
+        "fault": asdict(report.fault) if report.fault else None,
+    }

@@ -6,6 +6,7 @@ import threading
 
 import uvicorn
 
+from imagebridge.audit.forwarder import start_forwarder
 from imagebridge.hub.app import create_app
 from imagebridge.hub.state import Hub
 from imagebridge.settings import HubSettings
@@ -13,6 +14,8 @@ from imagebridge.settings import HubSettings
 
 def make_server(settings: HubSettings, log_level: str = "warning") -> uvicorn.Server:
     hub = Hub.open(settings)
+    # The audit trail goes to the audit repository, if one is configured.
+    start_forwarder(settings.audit_repository, hub.engine, hub.sessions)
     config = uvicorn.Config(
         create_app(hub),
         host=settings.host,
