@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -159,6 +159,10 @@ class CallingNode(BaseModel):
 
     ae_title: str
     host: str | None = Field(None, description="If set, only from this address")
+    permissions: list[Literal["echo", "store"]] = Field(
+        ["echo", "store"],
+        description="DICOM actions this node may take: echo (C-ECHO), store (C-STORE)",
+    )
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -217,6 +221,9 @@ class GatewaySettings(_TomlSettings):
     pacs: list[PacsNode] = Field(default_factory=list, description="Where inbound studies go")
     reconciliation: Reconciliation = Field(default_factory=Reconciliation)
     max_pdu: int = Field(1_048_576, description="Largest PDU the SCP accepts")
+    routes_refresh_seconds: float = Field(
+        30.0, gt=0, description="How often the routing table and agreements are re-read"
+    )
     upload_batch_instances: int = 32
     upload_batch_bytes: int = 32 * 1024 * 1024
     study_stable_seconds: float = Field(

@@ -17,6 +17,8 @@ class Route:
     ae_title: str
     institution: str
     priority: str
+    # Why the hub would refuse this destination now (no agreement in force), or "".
+    refusal: str = ""
 
 
 class RoutingTable:
@@ -27,17 +29,22 @@ class RoutingTable:
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self.institution = ""
+        # Why this institution may not exchange now (its agreement), or "".
+        self.refusal = ""
         if cache_file.exists():
             self._apply(json.loads(cache_file.read_text()))
 
     def _apply(self, config: dict[str, Any]) -> None:
         routes = {
-            r["ae_title"]: Route(r["ae_title"], r["institution"], r["priority"])
+            r["ae_title"]: Route(
+                r["ae_title"], r["institution"], r["priority"], r.get("refusal", "")
+            )
             for r in config["routes"]
         }
         with self._lock:
             self._routes = routes
             self.institution = config["institution"]
+            self.refusal = config.get("refusal", "")
 
     def update(self, config: dict[str, Any]) -> None:
         self._apply(config)

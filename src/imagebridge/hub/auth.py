@@ -103,13 +103,13 @@ def _token_actor(request: Request, hub: Hub, token: str) -> Actor:
                 raise _unauthorized("unknown, expired or revoked API token")
             user = row.user
             # A token never carries more than its user holds today.
-            granted = accounts.permissions_of(user) & frozenset(row.scopes)
+            held = frozenset(p.value for p in accounts.permissions_of(user))
             return Actor(
                 "user",
                 user.username,
                 user.institution_id,
                 client_address(request),
-                frozenset(p.value for p in granted),
+                held & frozenset(row.scopes),
                 user.id,
             )
     actor = _bootstrap_actor(request, hub, token)
@@ -185,10 +185,10 @@ def require_gateway(request: Request, credentials: Credentials) -> Actor:
         if request.cookies.get(SESSION_COOKIE):
             raise HTTPException(403, "for gateways only")
         raise _unauthorized("authentication required")
-    if not credentials.credentials.startswith("ibg_"):
-        raise HTTPException(403, "for gateways only")
     actor = _token_actor(request, get_hub(request), credentials.credentials)
     request.state.actor = actor
+    if actor.kind != "gateway":
+        raise HTTPException(403, "for gateways only")
     return actor
 
 

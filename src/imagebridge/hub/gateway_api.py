@@ -16,6 +16,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from imagebridge.actors import Actor
+from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, get_hub, public
 from imagebridge.hub.state import Hub
@@ -67,14 +68,31 @@ def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
         for i in institutions:
             if i.id == me.id:
                 continue
+            # The gateway refuses a C-STORE to a destination the hub would refuse.
+            refusal = exchange_refusal(session, i.id) or ""
             routes.append(
-                {"ae_title": i.routing_ae_title, "institution": i.code, "priority": "routine"}
+                {
+                    "ae_title": i.routing_ae_title,
+                    "institution": i.code,
+                    "priority": "routine",
+                    "refusal": refusal,
+                }
             )
             if i.urgent_ae_title:
                 routes.append(
-                    {"ae_title": i.urgent_ae_title, "institution": i.code, "priority": "urgent"}
+                    {
+                        "ae_title": i.urgent_ae_title,
+                        "institution": i.code,
+                        "priority": "urgent",
+                        "refusal": refusal,
+                    }
                 )
-        return {"institution": me.code, "name": me.name, "routes": routes}
+        return {
+            "institution": me.code,
+            "name": me.name,
+            "refusal": exchange_refusal(session, me.id) or "",
+            "routes": routes,
+        }
 
 
 @router.post("/gateway/blobs/missing")
