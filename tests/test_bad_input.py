@@ -440,13 +440,14 @@ def test_requests_without_a_valid_token_are_refused(
 def test_a_gateway_cannot_touch_another_institutions_transfer(
     net: Network, tokens: dict[str, str], study: StudyFiles
 ) -> None:
-    """NTH's gateway on a transfer from SEG to RVH: not found, whatever it tries."""
+    """NTH's gateway on a transfer from SEG to RVH: refused as if it did not exist."""
     transfer_id = open_transfer(net, tokens["SEG"])
     good = study.paths[0].read_bytes()
     frames = frame_header(hashlib.sha256(good).hexdigest(), len(good)) + good
     base = f"/api/v1/transfers/{transfer_id}"
     with client(net, tokens["NTH"]) as c:
-        assert c.get(base).status_code == 404
+        assert c.get(base).json() == c.get("/api/v1/transfers/no-such").json()
+        assert c.get(base).status_code == 403
         assert transfer_id not in {t["id"] for t in c.get("/api/v1/transfers").json()}
         answers = [
             c.post(f"{base}/instances", content=frames, headers={"Content-Type": MEDIA_TYPE}),
@@ -459,13 +460,13 @@ def test_a_gateway_cannot_touch_another_institutions_transfer(
             c.post(f"{base}/retry"),
             c.post(f"{base}/deliveries", json={"instances": [], "reports": []}),
         ]
-    assert [a.status_code for a in answers] == [404] * len(answers), [a.text for a in answers]
+    assert [a.status_code for a in answers] == [403] * len(answers), [a.text for a in answers]
     # The receiver may not upload into it or close it either: only the sender may.
     with client(net, tokens["RVH"]) as c:
         assert c.get(base).status_code == 200
         r = c.post(f"{base}/instances", content=frames, headers={"Content-Type": MEDIA_TYPE})
-        assert r.status_code == 404
-        assert c.post(f"{base}/close").status_code == 404
+        assert r.status_code == 403
+        assert c.post(f"{base}/close").status_code == 403
     state = transfer_state(net, transfer_id)
     assert state["status"] == "receiving" and state["instances_total"] == 0
     assert state["reports"] == []

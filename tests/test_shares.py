@@ -44,7 +44,9 @@ def _upload(net: InProcessHub, study: StudyFiles) -> str:
     """SEG's gateway sends the study (with a PDF report) towards RVH."""
     headers = {"Authorization": f"Bearer {net.gateway_token('SEG')}"}
     client = net.client()
-    r = client.post("/api/v1/transfers", headers=headers, json={"receiver": "RVH", "origin": "dicom"})
+    r = client.post(
+        "/api/v1/transfers", headers=headers, json={"receiver": "RVH", "origin": "dicom"}
+    )
     assert r.status_code == 201, r.text
     tid: str = r.json()["id"]
     items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in study.paths]
@@ -115,7 +117,7 @@ def test_a_solicitor_sees_and_downloads_only_what_was_shared_until_it_ends(
     assert solicitor.get("/api/v1/audit").status_code == 403
     for tampered in (share_id + 1, 999999):
         r = solicitor.get(f"/api/v1/shared/{tampered}/package")
-        assert r.status_code == 404 and r.json()["detail"] == NOT_SHARED
+        assert r.status_code == 403 and r.json()["detail"] == NOT_SHARED
 
     exported = net.admin("GET", "/api/v1/audit", params={"action": "share:package:exported"})
     (event,) = exported.json()
@@ -127,12 +129,12 @@ def test_a_solicitor_sees_and_downloads_only_what_was_shared_until_it_ends(
     assert solicitor.get("/api/v1/shared").json() == []
     for path in (f"/api/v1/shared/{share_id}", f"/api/v1/shared/{share_id}/package"):
         r = solicitor.get(path)
-        assert r.status_code == 404 and r.json()["detail"] == NOT_SHARED
+        assert r.status_code == 403 and r.json()["detail"] == NOT_SHARED
 
     # So does revocation.
     doctor = net.log_in("doctor", INSIDE)
     again = _share(doctor, study.study_instance_uid).json()["id"]
     assert solicitor.get(f"/api/v1/shared/{again}").status_code == 200
     assert doctor.post(f"/api/v1/shares/{again}/revoke").status_code == 200
-    assert solicitor.get(f"/api/v1/shared/{again}/package").status_code == 404
+    assert solicitor.get(f"/api/v1/shared/{again}/package").status_code == 403
     assert net.admin("GET", "/api/v1/audit", params={"action": "share:access:revoked"}).json()

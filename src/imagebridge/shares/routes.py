@@ -160,7 +160,7 @@ def _live(session: Session, actor: Actor, share_id: int, hub: Hub) -> Share:
     assert actor.user_id is not None
     share = services.live_share(session, share_id, actor.user_id, hub.clock())
     if share is None:
-        raise HTTPException(404, NOT_SHARED)
+        raise HTTPException(403, NOT_SHARED)
     return share
 
 

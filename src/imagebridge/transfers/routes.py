@@ -38,6 +38,7 @@ router = APIRouter(prefix="/api/v1", tags=["transfers"])
 HubDep = Annotated[Hub, Depends(get_hub)]
 MAX_INSTANCE_BYTES = 4 * 1024**3
 MAX_REPORT_BYTES = 64 * 1024**2
+NOT_YOURS = "no such transfer, or not one your institution may act on"
 
 
 class TransferIn(BaseModel):
@@ -69,7 +70,7 @@ def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Tran
     """The transfer, if this caller may act on it as one of the given roles."""
     transfer = session.get(Transfer, transfer_id)
     if transfer is None:
-        raise HTTPException(404, "no such transfer")
+        raise HTTPException(403, NOT_YOURS)
     if actor.network_wide:
         return transfer
     allowed = {
@@ -77,8 +78,8 @@ def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Tran
         "receiver": transfer.receiver_institution_id,
     }
     if actor.institution_id not in {allowed[r] for r in roles}:
-        # Not found rather than forbidden: do not confirm other institutions' transfers exist.
-        raise HTTPException(404, "no such transfer")
+        # The same answer as for a transfer that does not exist: confirm nothing.
+        raise HTTPException(403, NOT_YOURS)
     return transfer
 
 
