@@ -112,7 +112,10 @@ def siblings(records: dict[int, Record], offset: int) -> list[Record]:
 
 def test_dcmtk_reads_the_dicomdir_and_the_files(inputs: Inputs, tmp_path: Path) -> None:
     root = unzip(package(inputs.labelled()), tmp_path / "package")
-    first, records = directory_records(dcmdump(root / "DICOMDIR"))
+    dump = dcmdump(root / "DICOMDIR")
+    first, records = directory_records(dump)
+    # Records carry the instances' character set: a non-ASCII name reads back intact.
+    assert "(0010,0010) PN [DEMO^ZOË]" in dump
 
     # Walk the hierarchy by DCMTK's offsets: patient -> study -> series -> instances.
     patients = siblings(records, first)
@@ -267,3 +270,20 @@ def test_an_instance_without_patient_id_is_refused_with_the_reason(tmp_path: Pat
     assert source is not None
     with pytest.raises(PackageError, match=r"^deflated: .*'Patient ID' element cannot be empty$"):
         write_package([("deflated", Path(source))], io.BytesIO())
+
+
+def test_studies_of_two_patients_are_listed_apart(inputs: Inputs, tmp_path: Path) -> None:
+    other = generate_ct_study(
+        tmp_path / "other", slices=2, rows=16, columns=16, patient_id="B765432"
+    )
+    files = [*inputs.labelled(), *((f"other {p.name}", p) for p in other.paths)]
+    root = unzip(package(files), tmp_path / "package")
+    first, records = directory_records(dcmdump(root / "DICOMDIR"))
+    patients = siblings(records, first)
+    assert [p.kind for p in patients] == ["PATIENT", "PATIENT"]
+    counts = []
+    for patient in patients:
+        (study,) = siblings(records, patient.lower)
+        counts.append(sum(len(siblings(records, s.lower)) for s in siblings(records, study.lower)))
+    assert counts == [SLICES + 2, 2]
+    assert len(FileSet(root / "DICOMDIR")) == SLICES + 2 + 2
