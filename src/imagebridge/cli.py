@@ -46,6 +46,7 @@ def main() -> None:
 def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) -> None:
     """Run the hub: HTTP API, directory, index, blob store, transfers and audit."""
     from imagebridge.hub.server import make_server
+    from imagebridge.pki.tls import TLSConfigError
 
     _logging(verbose)
     overrides: dict[str, Any] = {}
@@ -54,8 +55,14 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
     if port is not None:
         overrides["port"] = port
     settings = HubSettings.load(config, **overrides)
-    server = make_server(settings)
-    click.echo(f"hub on http://{settings.host}:{settings.port} (API docs at /docs)", err=True)
+    try:
+        server = make_server(settings)
+    except TLSConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    scheme = "https" if settings.tls_cert else "http"
+    click.echo(f"hub on {scheme}://{settings.host}:{settings.port} (API docs at /docs)", err=True)
+    if settings.gateway_port is not None:
+        click.echo(f"gateways (mutual TLS) on port {settings.gateway_port}", err=True)
     server.run()
 
 

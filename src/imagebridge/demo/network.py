@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -84,10 +85,17 @@ class Network:
     gateways: dict[str, GatewayProcess] = field(default_factory=dict)
     admin_token: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    hub_ca: Path | None = None  # set when the hub's main port speaks HTTPS
 
     @property
     def hub_url(self) -> str:
-        return f"http://127.0.0.1:{self.hub_port}"
+        scheme = "https" if self.hub_ca else "http"
+        return f"{scheme}://127.0.0.1:{self.hub_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an HTTP client of the hub's main port trusts."""
+        return ssl.create_default_context(cafile=self.hub_ca) if self.hub_ca else True
 
     def start_hub(self, **settings: Any) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -116,6 +124,7 @@ class Network:
             base_url=self.hub_url,
             headers={"Authorization": f"Bearer {self.admin_token}"},
             timeout=60,
+            verify=self.verify,
         )
 
     def add_institution(self, code: str, name: str, *, agreement: bool = True) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,9 +39,19 @@ class HubUnavailable(RuntimeError):
 
 
 class HubClient:
-    def __init__(self, base_url: str, token: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """tls: for an https hub, the context with the trusted CA and our certificate."""
+        self._tls = tls or ssl.create_default_context()
         transport = httpx.HTTPTransport(
-            retries=0, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            retries=0,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            verify=self._tls,
         )
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -62,7 +73,7 @@ class HubClient:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
-            raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from exc
+            raise HubUnavailable(f"hub unreachable: {_why(exc)}") from exc
         return _check(response).json()
 
     def config(self) -> dict[str, Any]:
@@ -142,7 +153,7 @@ class HubClient:
         except (OSError, http.client.HTTPException, FramingError) as exc:
             conn.close()
             self._bulk = None
-            raise HubUnavailable(f"download interrupted: {type(exc).__name__}") from exc
+            raise HubUnavailable(f"download interrupted: {_why(exc)}") from exc
         finally:
             if sink is not None:
                 sink.abort()
@@ -165,7 +176,7 @@ class HubClient:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             self._bulk = None
-            raise HubUnavailable(f"hub unreachable: {type(exc).__name__}") from exc
+            raise HubUnavailable(f"hub unreachable: {_why(exc)}") from exc
         if response.status >= 400:
             _raise_for(response.status, text)
         return json.loads(text)
@@ -179,8 +190,17 @@ class HubClient:
         self._bulk_used_at = time.monotonic()
         if self._bulk is None:
             host = self._base.hostname or "127.0.0.1"
-            self._bulk = http.client.HTTPConnection(host, self._base.port or 80, timeout=60)
-            self._bulk.connect()
+            if self._base.scheme == "https":
+                self._bulk = http.client.HTTPSConnection(
+                    host, self._base.port or 443, timeout=60, context=self._tls
+                )
+            else:
+                self._bulk = http.client.HTTPConnection(host, self._base.port or 80, timeout=60)
+            try:
+                self._bulk.connect()
+            except OSError as exc:  # refused, or a TLS handshake that failed
+                self._bulk = None
+                raise HubUnavailable(f"hub unreachable: {_why(exc)}") from exc
             assert self._bulk.sock is not None
             self._bulk.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self._bulk
@@ -199,6 +219,16 @@ class HubClient:
         self._call("POST", "/api/v1/gateway/audit", json={"events": events})
 
 
+def _why(exc: BaseException) -> str:
+    """The exception's kind, and for TLS the reason: a refused certificate must be obvious."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLError):
+        return f"{type(exc).__name__} (TLS: {cause.reason or cause})"
+    return type(exc).__name__
+
+
 def _check(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         _raise_for(response.status_code, response.text)
@@ -211,7 +241,9 @@ def _raise_for(status: int, text: str) -> None:
     except (ValueError, AttributeError):
         reason = text
     message = f"hub answered {status}: {reason}"
-    if status >= 500 or status == 429:
+    # 401: the hub did not accept our token or certificate. The spool waits for an operator
+    # to fix them, rather than setting the studies aside as refused.
+    if status >= 500 or status in (401, 429):
         raise HubUnavailable(message)
     raise HubError(message)
 

@@ -23,6 +23,7 @@ from imagebridge.dicom.part10 import BadDataset, read_header
 from imagebridge.gateway.journal import Journal
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.spool import Spool, SpoolFull
+from imagebridge.pki.tls import dicom_scp_context, handshake
 from imagebridge.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,11 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
         self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            # DICOM TLS when configured; the calling AE and address checks apply as ever.
+            ssl_context=dicom_scp_context(self.settings, self.ae.network_timeout),
         )
         port: int = self._server.server_address[1]
         return port
@@ -95,8 +100,17 @@ class StorageSCP:
             self._server = None
 
     def _on_open(self, event: evt.Event) -> None:
-        if event.assoc.dul.socket is not None:
-            set_nodelay(event.assoc.dul.socket.socket)
+        if event.assoc.dul.socket is None or event.assoc.dul.socket.socket is None:
+            return
+        sock = event.assoc.dul.socket.socket
+        set_nodelay(sock)
+        refused = handshake(sock)  # DICOM TLS: nothing unless the SCP speaks it
+        if refused is not None:
+            log.warning("association refused: %s", refused)
+            address = event.assoc.requestor.address
+            self.journal.write(
+                "dicom:association:refused", "refused", source_address=address, reason=refused
+            )
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: Association = event.assoc

@@ -12,6 +12,7 @@ from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.scp import StorageSCP
 from imagebridge.gateway.spool import Spool
 from imagebridge.gateway.uploader import Uploader
+from imagebridge.pki.tls import hub_client_context
 from imagebridge.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,15 @@ class Gateway:
         self.journal = Journal(settings.data_dir / "journal")
         self.spool = Spool(settings.data_dir / "spool", settings.spool_min_free_bytes)
         self.routing = RoutingTable(settings.data_dir / "routes.json")
-        self.hub = HubClient(settings.hub_url, settings.token)
+        tls = hub_client_context(settings)
+        self.hub = HubClient(settings.hub_url, settings.token, tls=tls)
         self.scp = StorageSCP(settings, self.spool, self.routing, self.journal)
         self.uploader = Uploader(settings, self.spool, self.hub, self.journal)
         self.deliverer = Deliverer(
-            settings, HubClient(settings.hub_url, settings.token), self.routing, self.journal
+            settings,
+            HubClient(settings.hub_url, settings.token, tls=tls),
+            self.routing,
+            self.journal,
         )
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="routes", daemon=True)

@@ -1,0 +1,1 @@
+"""Transport security: the network's certificate authority and the TLS contexts built on it."""
