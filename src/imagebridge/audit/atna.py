@@ -93,6 +93,8 @@ def _alert(*types: Code) -> EventSpec:
 _RECEIVED = EventSpec(INSTANCES_TRANSFERRED, action="C", direction="in")
 _DELIVERED = EventSpec(INSTANCES_TRANSFERRED, action="R", direction="out")
 _LOGIN = EventSpec(USER_AUTHENTICATION, (LOGIN,), "E")
+_QUERY = EventSpec(QUERY, action="E")
+_EXPORT = EventSpec(EXPORT, action="R", direction="out")
 
 # First match wins: specific tags before the patterns that would also catch them.
 RULES: tuple[tuple[str, EventSpec], ...] = (
@@ -117,17 +119,16 @@ RULES: tuple[tuple[str, EventSpec], ...] = (
     ("directory:*:*", _alert(NETWORK_CONFIGURATION)),
     ("dicom:association:*", _alert(NODE_AUTHENTICATION)),
     ("http:request:refused", _alert(RESTRICTED_FUNCTION)),
-    ("share:*:downloaded", EventSpec(EXPORT, action="R", direction="out")),
-    ("share:*:viewed", EventSpec(INSTANCES_ACCESSED, action="R", direction="out")),
-    ("share:*:*", _alert(OBJECT_SECURITY_CHANGED)),
     ("audit:*:*", EventSpec(AUDIT_LOG_USED, action="R")),
-    ("*:query:*", EventSpec(QUERY, action="E")),
-    ("query:*:*", EventSpec(QUERY, action="E")),
-    ("*:*:queried", EventSpec(QUERY, action="E")),
-    ("*:export:*", EventSpec(EXPORT, action="R", direction="out")),
-    ("*:*:exported", EventSpec(EXPORT, action="R", direction="out")),
-    ("*:*:downloaded", EventSpec(EXPORT, action="R", direction="out")),
+    ("*:query:*", _QUERY),
+    ("query:*:*", _QUERY),
+    ("*:*:queried", _QUERY),
+    ("*:*:listed", _QUERY),
+    ("*:export:*", _EXPORT),
+    ("*:*:exported", _EXPORT),
+    ("*:*:downloaded", _EXPORT),
     ("*:*:viewed", EventSpec(INSTANCES_ACCESSED, action="R", direction="out")),
+    ("share:*:*", _alert(OBJECT_SECURITY_CHANGED)),
     ("dicom:instances:*", _RECEIVED),
     ("dicom:instance:*", _RECEIVED),
     ("transfer:transfer:created", EventSpec(BEGIN_TRANSFERRING, action="E", direction="in")),
@@ -320,6 +321,7 @@ def audit_message(
         # A DICOM node called one of our gateways: the node asked, the gateway answered.
         _participant(root, str(calling), True, SOURCE if spec.direction else None, address)
         _participant(root, actor, False, DESTINATION if spec.direction else APPLICATION)
+        hub_role = APPLICATION  # the hub only reports what its gateway saw
     elif event.get("actor_type") not in ("system", None) or actor:
         _participant(root, actor or address, True, peer_role, address)
     hub_requests = event.get("actor_type") == "system" and not actor
