@@ -6,6 +6,8 @@ A real hub and real gateways on loopback, a PACS sending with C-STORE.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import audit_events
+from conftest import audit_events, require_tool
 from imagebridge.demo.network import GatewayProcess, Network
 from imagebridge.demo.pacs import MiniPacs
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, StudyFiles, generate_ct_study
@@ -152,3 +154,42 @@ def _transfers(net: Network) -> list[dict[str, Any]]:
     with net.admin() as admin:
         result: list[dict[str, Any]] = admin.get("/api/v1/transfers").json()
         return result
+
+
+def test_each_calling_node_does_only_the_dicom_actions_it_is_permitted(
+    net: Network, tmp_path: Path
+) -> None:
+    """A modality allowed only to verify the connection cannot store, and vice versa."""
+    echoscu = require_tool("/usr/bin/echoscu")
+    net.sign_agreement("RVH")
+    gw = net.start_gateway(
+        "SEG",
+        calling_aes=[
+            {"ae_title": "ECHO_ONLY", "host": "127.0.0.1", "permissions": ["echo"]},
+            {"ae_title": "STORE_ONLY", "host": "127.0.0.1", "permissions": ["store"]},
+        ],
+        **FAST,
+    )
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    def echo(calling: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [echoscu, "-v", "-aet", calling, "-aec", gw.ae_title, "127.0.0.1", str(gw.port)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    allowed = echo("ECHO_ONLY")
+    assert "Received Echo Response (Success)" in allowed.stdout + allowed.stderr, allowed
+    refused = echo("STORE_ONLY")
+    assert "Received Echo Response (Unknown Status: 0x124)" in refused.stdout + refused.stderr
+    study = generate_ct_study(tmp_path / "study", slices=1, rows=64, columns=64)
+    files = [FileToSend(p, CT_IMAGE_STORAGE, EXPLICIT_LE) for p in study.paths]
+    node = Node("IB_RVH", "127.0.0.1", gw.port)
+    (result,) = store_files(node, "ECHO_ONLY", files)
+    assert result.outcome == "failed" and "0x0124" in result.detail
+    (result,) = store_files(node, "STORE_ONLY", files)
+    assert result.outcome == "delivered", result.detail
+    reasons = [e["detail"]["reason"] for e in audit_events(net, "dicom:instance:refused")]
+    assert "C-STORE not permitted" in reasons and "C-ECHO not permitted" in reasons
