@@ -23,6 +23,7 @@ from imagebridge.hub.state import Hub
 from imagebridge.index.models import Instance, Series
 from imagebridge.shares import services
 from imagebridge.shares.models import Share
+from imagebridge.shares.package import PackageError
 
 router = APIRouter(prefix="/api/v1", tags=["legal access"])
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -186,7 +187,11 @@ def download_package(share_id: int, actor: SharedViewer, hub: HubDep) -> FileRes
     try:
         with hub.sessions() as session, session.begin():
             share = _live(session, actor, share_id, hub)
-            files = services.build_package(session, hub.blobs, share, path)
+            try:
+                files = services.build_package(session, hub.blobs, share, path)
+            except PackageError as exc:
+                # A stored file that cannot be packed: say so rather than send a broken zip.
+                raise HTTPException(409, f"the package cannot be made: {exc}") from exc
             _viewed(session, actor, share, "share:package:exported", files=files)
     except BaseException:
         path.unlink(missing_ok=True)
