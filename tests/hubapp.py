@@ -18,6 +18,7 @@ from imagebridge.hub.app import create_app
 from imagebridge.hub.auth import CSRF_HEADER, SESSION_COOKIE
 from imagebridge.hub.state import Hub
 from imagebridge.settings import HubSettings
+from imagebridge.transfers.framing import MEDIA_TYPE, encode_files
 
 PASSWORD = "correct horse battery staple 42"
 INSIDE = "10.20.30.40"  # within the test institutions' trusted network
@@ -107,6 +108,7 @@ class InProcessHub:
         self.app = create_app(self.hub)
         self.clients: dict[str, HubClient] = {}
         self.admin_headers = {"Authorization": f"Bearer {self.hub.admin_token}"}
+        self.gateway_tokens: dict[str, str] = {}
 
     def client(self, address: str = "127.0.0.1") -> HubClient:
         if address not in self.clients:
@@ -141,9 +143,29 @@ class InProcessHub:
         )
 
     def gateway_token(self, code: str) -> str:
-        r = self.admin("POST", f"/api/v1/institutions/{code}/gateways", json={"name": "gw"})
-        token: str = r.json()["token"]
-        return token
+        if code not in self.gateway_tokens:
+            r = self.admin("POST", f"/api/v1/institutions/{code}/gateways", json={"name": "gw"})
+            self.gateway_tokens[code] = r.json()["token"]
+        return self.gateway_tokens[code]
+
+    def upload(self, sender: str, receiver: str, paths: list[Path]) -> str:
+        """The sender's gateway uploads instances into a new transfer to the receiver, through
+        the real upload route; returns the transfer's id."""
+        headers = {"Authorization": f"Bearer {self.gateway_token(sender)}"}
+        client = self.client()
+        r = client.post(
+            "/api/v1/transfers", headers=headers, json={"receiver": receiver, "origin": "dicom"}
+        )
+        assert r.status_code == 201, r.text
+        tid: str = r.json()["id"]
+        items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in paths]
+        r = client.post(
+            f"/api/v1/transfers/{tid}/instances",
+            headers={**headers, "Content-Type": MEDIA_TYPE},
+            content=b"".join(encode_files(items)),
+        )
+        assert r.status_code == 200 and len(r.json()["accepted"]) == len(paths), r.text
+        return tid
 
     def add_user(
         self, code: str, username: str, roles: list[str], *, external: bool = False

@@ -8,7 +8,6 @@ upload route, and DCMTK's dcmdump reading the downloaded DICOMDIR.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import subprocess
 import zipfile
@@ -22,7 +21,6 @@ from conftest import require_tool
 from hubapp import INSIDE, OUTSIDE, InProcessHub, Person
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 from imagebridge.dicom.reports import minimal_pdf
-from imagebridge.transfers.framing import MEDIA_TYPE, encode_files
 
 NOT_SHARED = "nothing is shared with you under this reference"
 
@@ -42,23 +40,13 @@ def net(tmp_path: Path) -> Iterator[InProcessHub]:
 
 def _upload(net: InProcessHub, study: StudyFiles) -> str:
     """SEG's gateway sends the study (with a PDF report) towards RVH."""
-    headers = {"Authorization": f"Bearer {net.gateway_token('SEG')}"}
-    client = net.client()
-    r = client.post(
-        "/api/v1/transfers", headers=headers, json={"receiver": "RVH", "origin": "dicom"}
-    )
-    assert r.status_code == 201, r.text
-    tid: str = r.json()["id"]
-    items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in study.paths]
-    r = client.post(
-        f"/api/v1/transfers/{tid}/instances",
-        headers={**headers, "Content-Type": MEDIA_TYPE},
-        content=b"".join(encode_files(items)),
-    )
-    assert r.status_code == 200 and len(r.json()["accepted"]) == len(study.paths), r.text
-    r = client.post(
+    tid = net.upload("SEG", "RVH", study.paths)
+    r = net.client().post(
         f"/api/v1/transfers/{tid}/reports",
-        headers={**headers, "Content-Type": "application/pdf"},
+        headers={
+            "Authorization": f"Bearer {net.gateway_token('SEG')}",
+            "Content-Type": "application/pdf",
+        },
         content=minimal_pdf(["CT head: no acute abnormality."]),
     )
     assert r.status_code == 201, r.text

@@ -5,7 +5,7 @@ from imagebridge.agreements.models import Agreement
 from imagebridge.audit.models import AuditEvent, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
-from imagebridge.institutions.models import Gateway, Institution, TrustedNetwork
+from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution, TrustedNetwork
 from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
@@ -17,6 +17,7 @@ __all__ = [
     "AuditForwarding",
     "Base",
     "Blob",
+    "DiscoveryRule",
     "Gateway",
     "Instance",
     "Institution",

@@ -66,6 +66,7 @@ def generate_ct_study(
     issuer_of_patient_id: str = "",
     accession_number: str = "ACC0001",
     study_description: str = "CT CHEST",
+    study_date: str | None = None,
     seed: int = 0,
 ) -> StudyFiles:
     """Write one axial CT series of ``slices`` files named ``CT0001.dcm``... to ``out_dir``.
@@ -90,6 +91,7 @@ def generate_ct_study(
         issuer_of_patient_id=issuer_of_patient_id,
         accession_number=accession_number,
         study_description=study_description,
+        study_date=study_date,
     )
     spacing = FIELD_OF_VIEW_MM / columns
     x0 = -FIELD_OF_VIEW_MM / 2 + spacing / 2
@@ -130,9 +132,10 @@ def _series_header(
     issuer_of_patient_id: str,
     accession_number: str,
     study_description: str,
+    study_date: str | None = None,
 ) -> Dataset:
     now = dt.datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    date, time = study_date or now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     spacing = _ds(FIELD_OF_VIEW_MM / columns)
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"  # demo names may be non-ASCII

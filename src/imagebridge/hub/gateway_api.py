@@ -123,11 +123,12 @@ def download(body: Digests, actor: GatewayActor, hub: HubDep) -> StreamingRespon
                 .where(mine, Report.blob_sha256.in_(wanted))
             )
         )
-        sizes = dict(
-            session.execute(select(Blob.sha256, Blob.size).where(Blob.sha256.in_(wanted)))
-            .tuples()
-            .all()
-        )
+        sizes: dict[str, int] = {
+            sha: size
+            for sha, size in session.execute(
+                select(Blob.sha256, Blob.size).where(Blob.sha256.in_(wanted))
+            )
+        }
     refused = [d for d in wanted if d not in allowed or d not in sizes]
     if refused:
         raise HTTPException(404, f"{len(refused)} blob(s) not addressed to this institution")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from imagebridge.db import Base, UTCDateTime, utcnow
@@ -49,3 +49,15 @@ class TrustedNetwork(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
     cidr: Mapped[str] = mapped_column(String(64))
+
+
+class DiscoveryRule(Base):
+    """An institution lets others find its studies: one row per institution it allows, or
+    one row without a viewer for the whole network. With no row, nobody else finds them."""
+
+    __tablename__ = "discovery_rules"
+    __table_args__ = (UniqueConstraint("source_institution_id", "viewer_institution_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
+    viewer_institution_id: Mapped[int | None] = mapped_column(ForeignKey("institutions.id"))

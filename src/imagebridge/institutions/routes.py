@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from imagebridge.actors import manages
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import DirectoryReader, InstitutionAdmin, NetworkAdmin, get_hub
 from imagebridge.hub.state import Hub
-from imagebridge.institutions.models import Gateway, Institution
+from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution
 from imagebridge.institutions.services import (
     DirectoryError,
     create_institution,
@@ -104,3 +105,72 @@ def revoke(gateway_id: int, actor: InstitutionAdmin, hub: HubDep) -> dict[str, A
         )
     hub.token_cache.clear()
     return {"id": gateway_id, "revoked": True}
+
+
+class DiscoveryIn(BaseModel):
+    to: list[str] = Field(
+        max_length=1000,
+        description='Institution codes that may find this institution\'s studies; ["*"] for '
+        "every institution with an agreement; [] for none",
+    )
+
+
+def _discovery_out(session: Session, institution: Institution) -> dict[str, Any]:
+    rules = session.scalars(
+        select(DiscoveryRule).where(DiscoveryRule.source_institution_id == institution.id)
+    ).all()
+    codes = []
+    for rule in rules:
+        if rule.viewer_institution_id is None:
+            codes.append("*")
+        else:
+            viewer = session.get(Institution, rule.viewer_institution_id)
+            codes.append(viewer.code if viewer else str(rule.viewer_institution_id))
+    return {"institution": institution.code, "to": sorted(codes)}
+
+
+@router.get("/institutions/{code}/discovery")
+def discovery(code: str, actor: InstitutionAdmin, hub: HubDep) -> dict[str, Any]:
+    """Who may find this institution's studies in network queries."""
+    with hub.sessions() as session:
+        institution = get_institution(session, code)
+        if institution is None or not manages(actor, institution.id):
+            raise HTTPException(404, "no such institution")
+        return _discovery_out(session, institution)
+
+
+@router.put("/institutions/{code}/discovery")
+def set_discovery(
+    code: str, body: DiscoveryIn, actor: InstitutionAdmin, hub: HubDep
+) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        institution = get_institution(session, code)
+        if institution is None or not manages(actor, institution.id):
+            raise HTTPException(404, "no such institution")
+        viewers: list[int | None] = []
+        for other in dict.fromkeys(body.to):
+            if other == "*":
+                viewers.append(None)
+                continue
+            viewer = get_institution(session, other)
+            if viewer is None:
+                raise HTTPException(422, f"no such institution: {other}")
+            viewers.append(viewer.id)
+        for rule in session.scalars(
+            select(DiscoveryRule).where(DiscoveryRule.source_institution_id == institution.id)
+        ):
+            session.delete(rule)
+        session.flush()
+        for viewer_id in viewers:
+            session.add(
+                DiscoveryRule(source_institution_id=institution.id, viewer_institution_id=viewer_id)
+            )
+        session.flush()
+        record(
+            session,
+            "directory:discovery:changed",
+            institution_id=institution.id,
+            detail={"to": sorted(body.to)},
+            **actor.audit(),
+        )
+        return _discovery_out(session, institution)

@@ -1,0 +1,297 @@
+"""Matching DICOM query keys against the index, as C-FIND and QIDO-RS both need.
+
+The matching rules are those of PS3.4 C.2.2.2: universal (empty), single value, wildcard
+(`*` and `?`, not for UIDs), range (dates and times, `A-B`, `A-`, `-B`), and a list of
+UIDs. Person names match case-insensitively. The caller passes the keys as DICOM keywords
+with their string values, and a Scope saying which studies it may see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from imagebridge.index.models import Instance, Patient, Series, Study
+from imagebridge.index.visibility import Scope
+from imagebridge.institutions.models import Institution
+from imagebridge.nhs import normalise_nhs_number
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MAX_LIMIT = 1000
+
+
+class QueryError(ValueError):
+    """A query the standard does not allow, with the reason."""
+
+
+@dataclass(frozen=True)
+class Key:
+    level: str
+    column: InstrumentedAttribute[str]
+    vr: str
+
+
+KEYS: dict[str, Key] = {
+    "PatientID": Key("PATIENT", Patient.patient_id, "LO"),
+    "IssuerOfPatientID": Key("PATIENT", Patient.issuer_of_patient_id, "LO"),
+    "PatientName": Key("PATIENT", Patient.patient_name, "PN"),
+    "PatientBirthDate": Key("PATIENT", Patient.birth_date, "DA"),
+    "PatientSex": Key("PATIENT", Patient.sex, "CS"),
+    "StudyInstanceUID": Key("STUDY", Study.study_instance_uid, "UI"),
+    "StudyDate": Key("STUDY", Study.study_date, "DA"),
+    "StudyTime": Key("STUDY", Study.study_time, "TM"),
+    "AccessionNumber": Key("STUDY", Study.accession_number, "SH"),
+    "StudyDescription": Key("STUDY", Study.study_description, "LO"),
+    "SeriesInstanceUID": Key("SERIES", Series.series_instance_uid, "UI"),
+    "Modality": Key("SERIES", Series.modality, "CS"),
+    "SeriesNumber": Key("SERIES", Series.series_number, "IS"),
+    "SeriesDescription": Key("SERIES", Series.series_description, "LO"),
+    "SOPInstanceUID": Key("IMAGE", Instance.sop_instance_uid, "UI"),
+    "SOPClassUID": Key("IMAGE", Instance.sop_class_uid, "UI"),
+    "InstanceNumber": Key("IMAGE", Instance.instance_number, "IS"),
+}
+# Matchable at study level although held per series.
+MODALITIES_IN_STUDY = "ModalitiesInStudy"
+# Returned, never matched.
+COUNTS = {
+    "STUDY": ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", MODALITIES_IN_STUDY),
+    "SERIES": ("NumberOfSeriesRelatedInstances",),
+}
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def match(key: Key, value: str) -> ColumnElement[bool] | None:
+    """The condition for one key, or None for universal matching."""
+    value = value.strip()
+    if value in ("", "*"):
+        return None
+    column = key.column
+    if key.vr == "UI":
+        uids = [u.strip() for u in value.replace(",", "\\").split("\\") if u.strip()]
+        if any(c in u for u in uids for c in "*?"):
+            raise QueryError(f"UIDs match exactly or by list, not by wildcard: {value}")
+        return column.in_(uids) if len(uids) > 1 else column == uids[0]
+    if key.vr in ("DA", "TM") and "-" in value:
+        low, _, high = value.partition("-")
+        low, high = low.strip(), high.strip()
+        for part in (low, high):
+            if part and not part.replace(".", "").isdigit():
+                raise QueryError(f"not a {key.vr} range: {value}")
+        # An upper time "1200" includes 12:00:30: compare against "1200" followed by the
+        # highest character.
+        top = high + ("\uffff" if key.vr == "TM" else "")
+        if low and high:
+            return and_(column >= low, column <= top)
+        return column >= low if low else column <= top
+    if key.vr == "DA" and not (value.isdigit() and len(value) == 8):
+        raise QueryError(f"a date is YYYYMMDD: {value}")
+    if key.vr == "PN":
+        lowered = func.lower(column)
+        if "*" in value or "?" in value:
+            return lowered.like(_like(value.lower()), escape="\\")
+        return lowered == value.lower()
+    if "*" in value or "?" in value:
+        return column.like(_like(value), escape="\\")
+    return column == value
+
+
+def _patient_id_condition(keys: dict[str, str], nhs_issuer: str) -> ColumnElement[bool] | None:
+    """PatientID with the NHS's issuer finds the patient by NHS number at any institution."""
+    pid = keys.get("PatientID", "").strip()
+    issuer = keys.get("IssuerOfPatientID", "").strip()
+    if issuer != nhs_issuer or not pid:
+        return None
+    number = normalise_nhs_number(pid)
+    if number is None:
+        raise QueryError("not a valid NHS number (10 digits with its check digit)")
+    return or_(
+        Patient.nhs_number == number,
+        and_(Patient.issuer_of_patient_id == nhs_issuer, Patient.patient_id == number),
+    )
+
+
+def _conditions(level: str, keys: dict[str, str], nhs_issuer: str) -> list[ColumnElement[bool]]:
+    depth = LEVELS.index(level)
+    out: list[ColumnElement[bool]] = []
+    by_nhs = _patient_id_condition(keys, nhs_issuer)
+    if by_nhs is not None:
+        out.append(by_nhs)
+    for keyword, value in keys.items():
+        if by_nhs is not None and keyword in ("PatientID", "IssuerOfPatientID"):
+            continue
+        if keyword == MODALITIES_IN_STUDY:
+            if level != "STUDY":
+                raise QueryError("ModalitiesInStudy is a study-level key")
+            modalities = [m for m in value.replace(",", "\\").split("\\") if m.strip()]
+            if modalities:
+                out.append(
+                    exists().where(Series.study_id == Study.id, Series.modality.in_(modalities))
+                )
+            continue
+        key = KEYS.get(keyword)
+        if key is None:
+            if any(keyword in names for names in COUNTS.values()):
+                continue  # a return key only
+            raise QueryError(f"unsupported matching key: {keyword}")
+        if LEVELS.index(key.level) > depth:
+            raise QueryError(f"{keyword} is a {key.level}-level key, below {level}")
+        condition = match(key, value)
+        if condition is not None:
+            out.append(condition)
+    return out
+
+
+def _base(level: str) -> Any:  # a Select whose columns depend on the level
+    if level == "PATIENT":
+        return select(Patient, Institution.code).join(
+            Institution, Institution.id == Patient.institution_id
+        )
+    query = (
+        select(Study, Patient, Institution.code)
+        .join(Patient, Patient.id == Study.patient_ref)
+        .join(Institution, Institution.id == Study.institution_id)
+    )
+    if level in ("SERIES", "IMAGE"):
+        query = query.add_columns(Series).join(Series, Series.study_id == Study.id)
+    if level == "IMAGE":
+        query = query.add_columns(Instance).join(Instance, Instance.series_id == Series.id)
+    return query
+
+
+def find(
+    session: Session,
+    level: str,
+    keys: dict[str, str],
+    scope: Scope,
+    *,
+    limit: int = 100,
+    offset: int = 0,
+    nhs_issuer: str = "NHS",
+) -> list[dict[str, Any]]:
+    """Matches at ``level`` that ``scope`` may see, newest study first; each a dict of
+    keyword -> value, with the hub's own references under keys starting with `_`."""
+    if level not in LEVELS:
+        raise QueryError(f"unsupported query level: {level}")
+    if not 0 < limit <= MAX_LIMIT or offset < 0:
+        raise QueryError(f"limit is 1 to {MAX_LIMIT}, offset 0 or more")
+    conditions = _conditions(level, keys, nhs_issuer)
+    if level == "PATIENT":
+        visible = exists().where(Study.patient_ref == Patient.id, scope.where())
+        query = _base(level).where(visible, *conditions).order_by(Patient.id)
+        rows = session.execute(query.limit(limit).offset(offset)).all()
+        return [_patient(p, code) for p, code in rows]
+    query = _base(level).where(scope.where(), *conditions)
+    query = query.order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
+    if level in ("SERIES", "IMAGE"):
+        query = query.order_by(Series.id)
+    if level == "IMAGE":
+        query = query.order_by(Instance.id)
+    rows = session.execute(query.limit(limit).offset(offset)).all()
+    out = []
+    for row in rows:
+        study, patient, code = row[0], row[1], row[2]
+        item = {**_patient(patient, code), **_study(study)}
+        if level in ("SERIES", "IMAGE"):
+            item.update(_series(row[3]))
+        if level == "IMAGE":
+            item.update(_instance(row[4]))
+        out.append(item)
+    if level == "STUDY":
+        _add_study_counts(session, out)
+    elif level == "SERIES":
+        _add_series_counts(session, out)
+    return out
+
+
+def _patient(p: Patient, code: str) -> dict[str, Any]:
+    return {
+        "PatientID": p.patient_id,
+        "IssuerOfPatientID": p.issuer_of_patient_id,
+        "PatientName": p.patient_name,
+        "PatientBirthDate": p.birth_date,
+        "PatientSex": p.sex,
+        "_nhs_number": p.nhs_number,
+        "_institution": code,
+        "_patient_id": p.id,
+    }
+
+
+def _study(s: Study) -> dict[str, Any]:
+    return {
+        "StudyInstanceUID": s.study_instance_uid,
+        "StudyDate": s.study_date,
+        "StudyTime": s.study_time,
+        "AccessionNumber": s.accession_number,
+        "StudyDescription": s.study_description,
+        "_study_id": s.id,
+        "_institution_id": s.institution_id,
+    }
+
+
+def _series(s: Series) -> dict[str, Any]:
+    return {
+        "SeriesInstanceUID": s.series_instance_uid,
+        "Modality": s.modality,
+        "SeriesNumber": s.series_number,
+        "SeriesDescription": s.series_description,
+        "_series_id": s.id,
+    }
+
+
+def _instance(i: Instance) -> dict[str, Any]:
+    return {
+        "SOPInstanceUID": i.sop_instance_uid,
+        "SOPClassUID": i.sop_class_uid,
+        "InstanceNumber": i.instance_number,
+        "_transfer_syntax_uid": i.transfer_syntax_uid,
+        "_blob_sha256": i.blob_sha256,
+        "_size": i.size,
+    }
+
+
+def _add_study_counts(session: Session, items: list[dict[str, Any]]) -> None:
+    ids = [i["_study_id"] for i in items]
+    if not ids:
+        return
+    series: dict[int, list[str]] = {}
+    for study_id, modality in session.execute(
+        select(Series.study_id, Series.modality).where(Series.study_id.in_(ids))
+    ):
+        series.setdefault(study_id, []).append(modality)
+    instances: dict[int, int] = {
+        study_id: count
+        for study_id, count in session.execute(
+            select(Series.study_id, func.count(Instance.id))
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id.in_(ids))
+            .group_by(Series.study_id)
+        )
+    }
+    for item in items:
+        modalities = series.get(item["_study_id"], [])
+        item["NumberOfStudyRelatedSeries"] = len(modalities)
+        item["NumberOfStudyRelatedInstances"] = instances.get(item["_study_id"], 0)
+        item[MODALITIES_IN_STUDY] = sorted({m for m in modalities if m})
+
+
+def _add_series_counts(session: Session, items: list[dict[str, Any]]) -> None:
+    ids = [i["_series_id"] for i in items]
+    if not ids:
+        return
+    counts: dict[int, int] = {
+        series_id: count
+        for series_id, count in session.execute(
+            select(Instance.series_id, func.count(Instance.id))
+            .where(Instance.series_id.in_(ids))
+            .group_by(Instance.series_id)
+        )
+    }
+    for item in items:
+        item["NumberOfSeriesRelatedInstances"] = counts.get(item["_series_id"], 0)
