@@ -7,6 +7,9 @@ Prints, measured in the same run on this machine, beside the peers:
 with medians over repeated runs, the ratios, and the peak memory (VmHWM) of each of our
 processes. `--slices 4000` makes a ~2 GB study for the memory check.
 
+Each ImageBridge run sends a newly generated study: the hub stores content once, so sending
+the same files again would only send references and measure far less than a real send.
+
 Usage: python bench/exchange.py [--slices 300] [--runs 3] [--skip-orthanc]
 """
 
@@ -153,14 +156,20 @@ class ImageBridge:
             pacs=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": scp_port}],
         )
 
-    def run(self, files: list[Path]) -> float:
+    def run(self, slices: int) -> float:
+        """Send a new study (new UIDs, so new bytes); its generation is not timed."""
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir()
+        folder = self.work / "ib-study"
+        shutil.rmtree(folder, ignore_errors=True)
+        files = generate_ct_study(folder, slices=slices).paths
         t0 = time.perf_counter()
         storescu(files, self.gw_a.port, "IB_RVH")
         self.sent_at = time.perf_counter() - t0
         wait_files(self.out, len(files))
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        shutil.rmtree(folder, ignore_errors=True)
+        return elapsed
 
     def peaks(self) -> dict[str, float]:
         assert self.net.hub_process is not None
@@ -205,7 +214,7 @@ def main() -> int:
         _row("Orthanc relay", "storescu -> Orthanc -> storescp", orthanc, o_all)
     ib = ImageBridge(work)
     try:
-        ours, i_all = median_of(args.runs, lambda: ib.run(files))
+        ours, i_all = median_of(args.runs, lambda: ib.run(args.slices))
         peaks = ib.peaks()
     finally:
         ib.close()

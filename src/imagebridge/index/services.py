@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.nhs import normalise_nhs_number
@@ -39,16 +41,31 @@ def _patient_key(header: Header) -> tuple[str, str]:
     return header.text("IssuerOfPatientID")[:64], header.text("PatientID")[:64]
 
 
+@dataclass(frozen=True)
+class Indexed:
+    """Where an instance was filed: its row and its study's."""
+
+    id: int
+    study_id: int
+
+
+_INSTANCES = cast(Table, Instance.__table__)
+# Executed with one parameter set per row: SET takes the columns each set names.
+_UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("row_id"))
+_KEY = ("series_id", "sop_instance_uid")
+
+
 def index_instances(
     session: Session,
     institution_id: int,
     items: list[tuple[Header, str, int]],
     nhs_issuer: str = "NHS",
-) -> list[Instance | IdentityConflict]:
+) -> list[Indexed | IdentityConflict]:
     """Index a batch of (header, blob digest, size); one result per item, in order.
 
     An item whose study is filed under another patient is refused before anything of it
-    is written, so a refusal leaves no partial record.
+    is written, so a refusal leaves no partial record. Instances are written with one
+    statement per batch, not one ORM object each: this runs for every instance received.
     """
     cache = _Cache()
     placed: list[tuple[Series, Header, str, int] | IdentityConflict] = []
@@ -59,39 +76,50 @@ def index_instances(
             continue
         placed.append((_series(session, study, header, cache), header, sha, size))
     session.flush()
-    existing: dict[tuple[int, str], Instance] = {}
-    series_ids = {p[0].id for p in placed if not isinstance(p, IdentityConflict)}
-    uids = [p[1].sop_instance_uid for p in placed if not isinstance(p, IdentityConflict)]
-    for series_id in series_ids:
-        for instance in session.scalars(
-            select(Instance).where(
-                Instance.series_id == series_id, Instance.sop_instance_uid.in_(uids)
-            )
-        ):
-            existing[(series_id, instance.sop_instance_uid)] = instance
-    results: list[Instance | IdentityConflict] = []
+    # The newest bytes received become the stored copy; an instance sent twice in one
+    # batch is one row, with the later bytes.
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
     for p in placed:
-        if isinstance(p, IdentityConflict):
-            results.append(p)
-            continue
-        series, header, sha, size = p
-        key = (series.id, header.sop_instance_uid)
-        found = existing.get(key)
-        if found is None:
-            instance = Instance(series_id=series.id, sop_instance_uid=header.sop_instance_uid)
-            session.add(instance)
-            existing[key] = instance
-        else:
-            instance = found
-        # The newest bytes received become the stored copy.
-        instance.sop_class_uid = header.sop_class_uid
-        instance.transfer_syntax_uid = header.transfer_syntax_uid
-        instance.instance_number = header.text("InstanceNumber")[:12]
-        instance.blob_sha256 = sha
-        instance.size = size
-        results.append(instance)
-    session.flush()
-    return results
+        if not isinstance(p, IdentityConflict):
+            series, header, sha, size = p
+            rows[(series.id, header.sop_instance_uid)] = {
+                "series_id": series.id,
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid,
+                "instance_number": header.text("InstanceNumber")[:12],
+                "blob_sha256": sha,
+                "size": size,
+            }
+    ids: dict[tuple[int, str], int] = {}
+    if rows:
+        found = session.execute(
+            select(_INSTANCES.c.series_id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.id).where(
+                tuple_(_INSTANCES.c.series_id, _INSTANCES.c.sop_instance_uid).in_(list(rows))
+            )
+        )
+        ids = {(series_id, uid): row_id for series_id, uid, row_id in found}
+    changed = [
+        {k: v for k, v in rows[key].items() if k not in _KEY} | {"row_id": row_id}
+        for key, row_id in ids.items()
+    ]
+    if changed:
+        session.execute(_UPDATE_INSTANCE, changed)
+    if new := [row for key, row in rows.items() if key not in ids]:
+        now = utcnow()
+        inserted = session.execute(
+            insert(_INSTANCES).returning(
+                _INSTANCES.c.id, _INSTANCES.c.series_id, _INSTANCES.c.sop_instance_uid
+            ),
+            [{**row, "created_at": now} for row in new],
+        )
+        ids.update({(series_id, uid): row_id for row_id, series_id, uid in inserted})
+    return [
+        p
+        if isinstance(p, IdentityConflict)
+        else Indexed(ids[(p[0].id, p[1].sop_instance_uid)], p[0].study_id)
+        for p in placed
+    ]
 
 
 def _study(

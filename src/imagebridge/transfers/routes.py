@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -287,8 +287,8 @@ def _store_report(
 
 def _ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
     held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(sizes))))
-    session.add_all(Blob(sha256=sha, size=size) for sha, size in sizes.items() if sha not in held)
-    session.flush()
+    if rows := [{"sha256": sha, "size": size} for sha, size in sizes.items() if sha not in held]:
+        session.execute(insert(Blob), rows)
 
 
 @router.post(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
@@ -16,7 +16,7 @@ from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
-from imagebridge.index.services import IdentityConflict, index_instances
+from imagebridge.index.services import IdentityConflict, Indexed, index_instances
 from imagebridge.institutions.models import Institution
 from imagebridge.transfers.models import (
     PRIORITY_RANK,
@@ -30,6 +30,11 @@ from imagebridge.transfers.models import (
 
 OPEN_STATUSES = (TransferStatus.receiving, TransferStatus.queued, TransferStatus.delivering)
 REPORT_MEDIA_TYPES = ("application/pdf", "text/plain")
+
+
+_ITEMS = cast(Table, TransferInstance.__table__)
+# Executed with one parameter set per item: SET takes the columns each set names.
+_RESEND_ITEM = update(_ITEMS).where(_ITEMS.c.id == bindparam("row_id"))
 
 
 class TransferError(ValueError):
@@ -144,16 +149,24 @@ def add_instances(
         )
     )
     indexed = index_instances(session, transfer.sender_institution_id, items, nhs_issuer)
-    instance_ids = [i.id for i in indexed if isinstance(i, Instance)]
+    instance_ids = [i.id for i in indexed if isinstance(i, Indexed)]
     carried = {
-        item.instance_id: item
-        for item in session.scalars(
-            select(TransferInstance).where(
+        row.instance_id: row
+        for row in session.execute(
+            select(
+                TransferInstance.id,
+                TransferInstance.instance_id,
+                TransferInstance.status,
+                TransferInstance.size,
+            ).where(
                 TransferInstance.transfer_id == transfer.id,
                 TransferInstance.instance_id.in_(instance_ids),
             )
         )
     }
+    # Rows by instance: an instance sent twice in one batch is carried once, newest bytes.
+    new_items: dict[int, dict[str, Any]] = {}
+    resent: dict[int, dict[str, Any]] = {}
     for (header, sha, size), instance in zip(items, indexed, strict=True):
         if isinstance(instance, IdentityConflict):
             result.refused.append((sha, str(instance)))
@@ -169,32 +182,48 @@ def add_instances(
                 **actor.audit(),
             )
             continue
-        study_id = instance.series.study_id
-        if study_id not in linked_studies:
-            session.add(TransferStudy(transfer_id=transfer.id, study_id=study_id))
-            linked_studies.add(study_id)
+        if instance.study_id not in linked_studies:
+            session.add(TransferStudy(transfer_id=transfer.id, study_id=instance.study_id))
+            linked_studies.add(instance.study_id)
         item = carried.get(instance.id)
         if item is None:
-            item = TransferInstance(
-                transfer_id=transfer.id, instance_id=instance.id, blob_sha256=sha, size=size
-            )
-            session.add(item)
-            carried[instance.id] = item
-            transfer.instances_total += 1
+            previous = new_items.get(instance.id)
+            if previous is None:
+                transfer.instances_total += 1
+            else:
+                transfer.bytes_total -= previous["size"]
             transfer.bytes_total += size
+            new_items[instance.id] = {
+                "transfer_id": transfer.id,
+                "instance_id": instance.id,
+                "blob_sha256": sha,
+                "size": size,
+            }
         else:
             # Sent again while the transfer is open: deliver it again (a PACS user who
             # resends expects it to arrive), with the newest bytes.
-            if item.status == ItemStatus.delivered:
+            previous = resent.get(instance.id)
+            counted_size = item.size if previous is None else previous["size"]
+            if previous is None and item.status == ItemStatus.delivered:
                 transfer.instances_delivered -= 1
                 transfer.bytes_delivered -= item.size
-            elif item.status == ItemStatus.failed:
+            elif previous is None and item.status == ItemStatus.failed:
                 transfer.instances_failed -= 1
-            transfer.bytes_total += size - item.size
-            item.blob_sha256, item.size = sha, size
-            item.status, item.lease_until, item.detail = ItemStatus.pending, None, ""
+            transfer.bytes_total += size - counted_size
+            resent[instance.id] = {
+                "row_id": item.id,
+                "blob_sha256": sha,
+                "size": size,
+                "status": ItemStatus.pending,
+                "lease_until": None,
+                "detail": "",
+            }
         result.accepted.append(sha)
         per_study[(header.text("PatientID"), header.study_instance_uid)] += 1
+    if new_items:
+        session.execute(insert(_ITEMS), list(new_items.values()))
+    if resent:
+        session.execute(_RESEND_ITEM, list(resent.values()))
     for (patient_id, study_uid), count in per_study.items():
         # One event per study and batch, as an ATNA "DICOM Instances Transferred" message.
         record(
@@ -638,7 +667,9 @@ def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
 
 def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
     """The transfer as the API shows it."""
-    codes = dict(session.execute(select(Institution.id, Institution.code)).tuples().all())
+    codes: dict[int, str] = {
+        i: code for i, code in session.execute(select(Institution.id, Institution.code))
+    }
     studies = session.execute(
         select(Study, Patient)
         .join(TransferStudy, TransferStudy.study_id == Study.id)
