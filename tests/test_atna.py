@@ -25,9 +25,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import Engine, text
 
 from imagebridge.audit.atna import AuditSource, audit_message, spec_for
+from imagebridge.audit.forwarder import AuditForwarder
 from imagebridge.audit.services import record
 from imagebridge.db import make_engine, make_sessionmaker, transaction
 from imagebridge.demo.network import Network, free_port
+from imagebridge.migrate import upgrade
+from imagebridge.settings import AuditRepository
+from test_audit_chain import postgres_url  # noqa: F401 - the PostgreSQL server fixture
 
 # RFC 5424: PRI VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA, then MSG
 # (here always UTF-8, so it starts with a BOM).
@@ -606,3 +610,32 @@ def test_odd_content_still_makes_a_well_formed_message() -> None:
     assert point is not None and point.get("NetworkAccessPointTypeCode") == "1"
     assert root.find("AuditSourceIdentification").get("AuditEnterpriseSiteID") == "ImageBridge"  # type: ignore[union-attr]
     assert spec_for("", "success").event_id.value == "110100"
+
+
+def test_one_forwarder_sends_for_hubs_sharing_postgresql(postgres_url: str) -> None:  # noqa: F811
+    receiver = UdpReceiver(free_port())
+    receiver.start()
+    engines = [make_engine(postgres_url) for _ in range(2)]
+    upgrade(engines[0])
+    settings = AuditRepository(
+        url=f"syslog+udp://127.0.0.1:{receiver.port}", poll_seconds=0.1, audit_source_id="test-hub"
+    )
+    forwarders = [AuditForwarder(settings, e, make_sessionmaker(e)) for e in engines]
+    try:
+        for f in forwarders:
+            f.start()
+        for n in range(40):
+            with transaction(make_sessionmaker(engines[n % 2])) as session:
+                record(session, "test:event:recorded", detail={"n": n})
+        receiver.wait_for(lambda frames: len(frames) >= 40)
+        forwarders[0].stop()  # the other hub's forwarder takes over
+        with transaction(make_sessionmaker(engines[1])) as session:
+            record(session, "test:event:recorded", detail={"n": "after"})
+        receiver.wait_for(lambda frames: len(frames) >= 41)
+        assert sorted(receiver.sequence_ids()) == list(range(1, 42))
+    finally:
+        for f in forwarders:
+            f.stop()
+        for e in engines:
+            e.dispose()
+        receiver.stop()

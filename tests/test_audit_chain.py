@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,11 +24,12 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from conftest import require_tool
 from imagebridge.audit.chain import FIELDS, GENESIS, Anchor, event_hash
 from imagebridge.audit.models import AuditEvent
 from imagebridge.audit.services import record, verify_chain
 from imagebridge.db import make_engine, make_sessionmaker, transaction
-from imagebridge.demo.network import Network, write_toml
+from imagebridge.demo.network import Network, free_port, wait_for_port, write_toml
 from imagebridge.migrate import upgrade
 
 
@@ -358,3 +364,90 @@ def test_the_auditor_verifies_and_searches_over_http(network: Network) -> None:
         assert httpx.get(f"{network.hub_url}/api/v1/audit/verify").status_code == 401
     finally:
         trail.engine.dispose()
+
+
+# -- PostgreSQL: several hub processes append at once ---------------------------------------
+
+
+def _pg_tool(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return require_tool(found[-1] if found else name)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free loopback port, stopped by its pid."""
+    postgres, initdb = _pg_tool("postgres"), _pg_tool("initdb")
+    folder = Path(tempfile.mkdtemp(prefix="ib-pg-"))
+    # PostgreSQL refuses to run as root: run it as the postgres account then.
+    user = "postgres" if os.geteuid() == 0 else None
+    if user:
+        folder.chmod(0o755)
+        shutil.chown(folder, user)
+    data = folder / "data"
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(
+            [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            user=user,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        port = free_port()
+        with open(folder / "postgres.log", "wb") as log:
+            process = subprocess.Popen(
+                [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder)],
+                user=user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for_port(port, process)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if process is not None:
+            os.kill(process.pid, signal.SIGINT)  # fast shutdown
+            process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_postgresql_appenders_take_turns_on_the_chain(postgres_url: str) -> None:
+    engine = make_engine(postgres_url)
+    try:
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        errors: list[BaseException] = []
+        start = threading.Barrier(8)
+
+        def append(worker: int) -> None:
+            # Each worker its own engine, as separate hub processes would have.
+            own = make_engine(postgres_url)
+            try:
+                start.wait()
+                for _ in range(15):
+                    with transaction(make_sessionmaker(own)) as session:
+                        record(session, "test:event:recorded", actor=f"w{worker}")
+                        session.flush()
+                        record(session, "test:event:recorded", actor=f"w{worker}")
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+            finally:
+                own.dispose()
+
+        threads = [threading.Thread(target=append, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        report = verify_chain(sessions)
+        assert report.intact and report.events == 240
+
+        with engine.begin() as c:
+            c.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+            c.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE id = 100"))
+        report = verify_chain(sessions)
+        assert report.fault is not None
+        assert (report.fault.event_id, report.fault.kind) == (100, "altered")
+    finally:
+        engine.dispose()

@@ -68,27 +68,36 @@ class AuditForwarder:
 
     def _run(self) -> None:
         with self.engine.connect() as leader:
+            try:
+                self._loop(leader)
+            finally:
+                if self._leading:
+                    # The pool keeps the connection, and the lock with it: hand it over now.
+                    leader.execute(text("SELECT pg_advisory_unlock_all()"))
+                    leader.commit()
+
+    def _loop(self, leader: Connection) -> None:
+        backoff = self.settings.retry_seconds
+        while not self._stop.is_set():
+            if not self._lead(leader):
+                self._stop.wait(self.settings.poll_seconds * 5)
+                continue
+            # Cleared before reading: an event committed meanwhile sets it again.
+            APPENDED.clear()
+            try:
+                sent = self.forward_batch()
+            except OSError as exc:
+                log.warning("audit repository unreachable (%s); retry in %.0f s", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.settings.retry_max_seconds)
+                continue
+            except Exception:
+                log.exception("audit forwarding failed; retrying")
+                self._stop.wait(backoff)
+                continue
             backoff = self.settings.retry_seconds
-            while not self._stop.is_set():
-                if not self._lead(leader):
-                    self._stop.wait(self.settings.poll_seconds * 5)
-                    continue
-                # Cleared before reading: an event committed meanwhile sets it again.
-                APPENDED.clear()
-                try:
-                    sent = self.forward_batch()
-                except OSError as exc:
-                    log.warning("audit repository unreachable (%s); retry in %.0f s", exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, self.settings.retry_max_seconds)
-                    continue
-                except Exception:
-                    log.exception("audit forwarding failed; retrying")
-                    self._stop.wait(backoff)
-                    continue
-                backoff = self.settings.retry_seconds
-                if sent < self.settings.batch:
-                    APPENDED.wait(self.settings.poll_seconds)
+            if sent < self.settings.batch:
+                APPENDED.wait(self.settings.poll_seconds)
 
     def _lead(self, connection: Connection) -> bool:
         """On PostgreSQL several hubs share the trail: only the holder of this lock sends.
