@@ -331,12 +331,17 @@ def audited_hub(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], AuditedHu
         hub.engine.dispose()
 
 
-def _tls_settings(port: int, pki: Pki) -> dict[str, Any]:
+def _tls_settings(port: int, pki: Pki, relative: bool = False) -> dict[str, Any]:
+    """Absolute paths, or relative to the hub's config file (in tmp_path/net)."""
+
+    def path(p: Path) -> str:
+        return f"../{p.parent.name}/{p.name}" if relative else str(p)
+
     return {
         "url": f"syslog+tls://127.0.0.1:{port}",
-        "ca_file": str(pki.ca),
-        "cert_file": str(pki.client_cert),
-        "key_file": str(pki.client_key),
+        "ca_file": path(pki.ca),
+        "cert_file": path(pki.client_cert),
+        "key_file": path(pki.client_key),
     }
 
 
@@ -446,7 +451,7 @@ def test_every_event_type_reaches_a_tls_repository_as_atna_xml(
     receiver = TlsReceiver(free_port(), pki)
     receiver.start()
     try:
-        hub = audited_hub(_tls_settings(receiver.port, pki))
+        hub = audited_hub(_tls_settings(receiver.port, pki, relative=True))
         hub.net.add_institution("SEG", "St Elsewhere General")  # events from the hub itself
         assert httpx.get(f"{hub.net.hub_url}/api/v1/audit").status_code == 401
         for action, outcome, *_ in EXPECTED:

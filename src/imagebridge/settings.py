@@ -61,6 +61,10 @@ class _TomlSettings(BaseSettings):
             for key in ("data_dir", *TLS_PATHS):
                 if key in values and not Path(values[key]).is_absolute():
                     values[key] = str(base / values[key])
+            repository = values.get("audit_repository")
+            for key in ("ca_file", "cert_file", "key_file"):
+                if isinstance(repository, dict) and repository.get(key):
+                    repository[key] = str(base / repository[key])  # an absolute path stays
         values.update(overrides)
         return cls(**values)
 
