@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from conftest import audit_events, require_tool, wait_for_transfer
-from imagebridge.demo.network import GatewayProcess, Network
+from imagebridge.demo.network import GatewayProcess, Network, free_port, write_toml
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, generate_ct_study
 from imagebridge.dicom.net import VERIFICATION
 from imagebridge.pki.ca import CertificateAuthority
@@ -182,3 +183,28 @@ def test_client_certificates_may_be_optional(network: Network, pki: Pki) -> None
     assert echoscu(gw).returncode != 0  # and TLS itself is not optional
     network.stop_gateway("RVH")
     assert "Traceback" not in gw.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"dicom_tls_cert": "scp/cert.pem", "dicom_tls_key": "scp/key.pem"},
+         "dicom_tls_require_client_cert needs dicom_tls_ca"),
+        ({"dicom_tls_cert": "scp/missing.pem", "dicom_tls_key": "scp/key.pem",
+          "dicom_tls_ca": "ca/ca.pem"}, "cannot use certificate"),
+        ({"hub_ca": "ca/ca.pem"}, "need an https:// hub_url"),
+    ],
+)  # fmt: skip
+def test_a_gateway_with_unusable_tls_settings_says_why(
+    pki: Pki, tmp_path: Path, settings: dict[str, str], reason: str
+) -> None:
+    base = pki.ca_cert.parent.parent
+    config = tmp_path / "gateway.toml"
+    paths = {key: str(base / value) for key, value in settings.items()}
+    write_toml(config, {"data_dir": "data", "token": "ibg_unused", "port": free_port(), **paths})
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebridge", "gateway", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -72,10 +72,14 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
 def gateway(config: Path | None, verbose: bool) -> None:
     """Run an institution's gateway: DICOM to the local PACS, HTTPS to the hub."""
     from imagebridge.gateway.service import Gateway
+    from imagebridge.pki.tls import TLSConfigError
 
     _logging(verbose)
     settings = GatewaySettings.load(config)
-    gw = Gateway(settings)
+    try:
+        gw = Gateway(settings)
+    except TLSConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())

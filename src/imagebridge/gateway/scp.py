@@ -73,6 +73,8 @@ class StorageSCP:
         self._states: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        # Built now, so that a bad certificate or key stops the gateway before it starts.
+        self._tls = dicom_scp_context(settings, self.ae.network_timeout)
 
     def start(self) -> int:
         handlers: list[evt.EventHandlerType] = [
@@ -89,7 +91,7 @@ class StorageSCP:
             block=False,
             evt_handlers=handlers,
             # DICOM TLS when configured; the calling AE and address checks apply as ever.
-            ssl_context=dicom_scp_context(self.settings, self.ae.network_timeout),
+            ssl_context=self._tls,
         )
         port: int = self._server.server_address[1]
         return port
