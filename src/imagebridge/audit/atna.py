@@ -16,7 +16,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,7 +185,7 @@ class AuditSource:
 
     source_id: str = "imagebridge-hub"
     site_id: str = "ImageBridge"
-    process_id: str = str(os.getpid())
+    process_id: str = field(default_factory=lambda: str(os.getpid()))
 
 
 # Participant objects named in an event's detail: key -> (type, role, id type code).
