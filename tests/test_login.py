@@ -227,3 +227,19 @@ def test_weak_passwords_are_refused_with_the_reason(net: InProcessHub) -> None:
             json={"username": "newbie", "password": password, "institution": "SEG"},
         )
         assert r.status_code == 422 and reason in r.json()["detail"], r.text
+
+
+def test_changing_the_password_ends_the_other_sessions(net: InProcessHub) -> None:
+    here = net.log_in("clerk", INSIDE)
+    elsewhere = net.log_in("clerk", INSIDE, Person("clerk", net.client(INSIDE)))
+    r = here.post(
+        "/api/v1/auth/password", json={"current": "wrong guess at it", "new": PASSWORD + "!"}
+    )
+    assert r.status_code == 403
+    r = here.post("/api/v1/auth/password", json={"current": PASSWORD, "new": "short"})
+    assert r.status_code == 422
+    new = "a brand new passphrase 77"
+    r = here.post("/api/v1/auth/password", json={"current": PASSWORD, "new": new})
+    assert r.status_code == 200 and r.json()["other_sessions_ended"] == 1
+    assert here.get("/api/v1/transfers").status_code == 200
+    assert elsewhere.get("/api/v1/transfers").status_code == 401

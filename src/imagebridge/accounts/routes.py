@@ -294,8 +294,12 @@ def change_password(
             accounts.change_password(session, user, body.current, body.new)
         except accounts.AccountError as exc:
             raise HTTPException(exc.status, exc.reason) from exc
-        _audit(session, "user:password:changed", "success", actor, request)
-    return {"changed": True}
+        # Whoever else held the old password is logged out everywhere.
+        ended = accounts.end_sessions(
+            session, user.id, hub.clock(), keep=request.cookies.get(SESSION_COOKIE)
+        )
+        _audit(session, "user:password:changed", "success", actor, request, sessions_ended=ended)
+    return {"changed": True, "other_sessions_ended": ended}
 
 
 # --- API tokens -------------------------------------------------------------------------

@@ -309,10 +309,12 @@ def find_session(
     return web_session
 
 
-def end_sessions(session: Session, user_id: int, now: datetime) -> int:
-    live = session.scalars(
-        select(WebSession).where(WebSession.user_id == user_id, WebSession.ended_at.is_(None))
-    ).all()
+def end_sessions(session: Session, user_id: int, now: datetime, *, keep: str | None = None) -> int:
+    """End the user's live sessions, except the one whose cookie is ``keep``."""
+    query = select(WebSession).where(WebSession.user_id == user_id, WebSession.ended_at.is_(None))
+    if keep:
+        query = query.where(WebSession.token_sha256 != digest(keep))
+    live = session.scalars(query).all()
     for s in live:
         s.ended_at = now
     return len(live)
