@@ -126,6 +126,7 @@ def _url(path: str) -> str:
         ("{user_id}", "999999"),
         ("{token_id}", "999999"),
         ("{share_id}", "999999"),
+        ("{session_id}", "999999"),
     ):
         path = path.replace(name, value)
     assert "{" not in path, f"give the test a value for {path}"

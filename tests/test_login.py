@@ -243,3 +243,20 @@ def test_changing_the_password_ends_the_other_sessions(net: InProcessHub) -> Non
     assert r.status_code == 200 and r.json()["other_sessions_ended"] == 1
     assert here.get("/api/v1/transfers").status_code == 200
     assert elsewhere.get("/api/v1/transfers").status_code == 401
+
+
+def test_a_user_sees_and_ends_their_own_sessions(net: InProcessHub) -> None:
+    here = net.log_in("clerk", INSIDE)
+    other = net.log_in("clerk", OUTSIDE, Person("clerk", net.client(OUTSIDE)))
+    sessions = here.get("/api/v1/auth/sessions").json()
+    assert len(sessions) == 2 and sum(s["current"] for s in sessions) == 1
+    (theirs,) = [s for s in sessions if not s["current"]]
+    assert theirs["source_address"] == OUTSIDE
+    assert here.post(f"/api/v1/auth/sessions/{theirs['id']}/end").status_code == 200
+    assert other.get("/api/v1/transfers").status_code == 401
+    assert (
+        net.log_in("manager", INSIDE)
+        .post(f"/api/v1/auth/sessions/{sessions[0]['id']}/end")
+        .status_code
+        == 404
+    )

@@ -302,6 +302,39 @@ def change_password(
     return {"changed": True, "other_sessions_ended": ended}
 
 
+@router.get("/auth/sessions")
+def my_sessions(actor: Person, request: Request, hub: HubDep) -> list[dict[str, Any]]:
+    """One's own live sessions: where and when they began, and which one is this."""
+    current = accounts.digest(request.cookies.get(SESSION_COOKIE, ""))
+    with hub.sessions() as session:
+        rows = session.scalars(
+            select(WebSession).where(
+                WebSession.user_id == actor.user_id, WebSession.ended_at.is_(None)
+            )
+        )
+        return [
+            {
+                "id": s.id,
+                "source_address": s.source_address,
+                "created_at": s.created_at,
+                "last_seen_at": s.last_seen_at,
+                "current": s.token_sha256 == current,
+            }
+            for s in rows
+        ]
+
+
+@router.post("/auth/sessions/{session_id}/end")
+def end_my_session(session_id: int, actor: Person, request: Request, hub: HubDep) -> dict[str, Any]:
+    with hub.sessions() as session, session.begin():
+        row = session.get(WebSession, session_id)
+        if row is None or row.user_id != actor.user_id:
+            raise HTTPException(404, "no such session")
+        row.ended_at = row.ended_at or hub.clock()
+        _audit(session, "user:session:ended", "success", actor, request, by="user")
+    return {"id": session_id, "ended": True}
+
+
 # --- API tokens -------------------------------------------------------------------------
 
 
