@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from imagebridge.audit import services
 from imagebridge.audit.chain import Anchor
-from imagebridge.hub.auth import Admin, get_hub
+from imagebridge.hub.auth import Auditor, get_hub
 from imagebridge.hub.state import Hub
 
 router = APIRouter(prefix="/api/v1", tags=["audit"])
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["audit"])
 
 @router.get("/audit")
 def list_events(
-    actor: Admin,
+    actor: Auditor,
     hub: Annotated[Hub, Depends(get_hub)],
     action: Annotated[str | None, Query(description="Exact tag, or a prefix ending in ':'")] = None,
     transfer: str | None = None,
@@ -60,7 +60,7 @@ def list_events(
 
 @router.get("/audit/verify")
 def verify(
-    actor: Admin,
+    actor: Auditor,
     hub: Annotated[Hub, Depends(get_hub)],
     anchor: Annotated[
         tuple[str, ...],

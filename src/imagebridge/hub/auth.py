@@ -235,5 +235,3 @@ DirectoryReader = Annotated[
         )
     ),
 ]
-# The audit trail's readers; the name predates the permission system.
-Admin = Auditor
