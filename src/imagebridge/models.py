@@ -6,6 +6,7 @@ from imagebridge.audit.models import AuditEvent, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution, TrustedNetwork
+from imagebridge.patients.models import IdentityFlag, PatientIdentifier, Person
 from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
@@ -19,10 +20,13 @@ __all__ = [
     "Blob",
     "DiscoveryRule",
     "Gateway",
+    "IdentityFlag",
     "Instance",
     "Institution",
     "LoginThrottle",
     "Patient",
+    "PatientIdentifier",
+    "Person",
     "Report",
     "Role",
     "Series",
