@@ -14,6 +14,7 @@ than the whole rewrite may take, and re-encoding parsed elements would risk thei
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import os
 import secrets
@@ -36,11 +37,20 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import TEXT_VR_DELIMS
 
-from imagebridge.dicom.part10 import BadDataset, file_meta, read_meta
+from imagebridge.dicom.part10 import (
+    LONG_VRS,
+    SPECIFIC_CHARACTER_SET,
+    UNDEFINED_LENGTH,
+    BadDataset,
+    Meta,
+    file_meta,
+    read_meta,
+    sequence_items,
+    walk,
+)
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.settings import Reconciliation
 
-SPECIFIC_CHARACTER_SET = 0x00080005
 ACCESSION_NUMBER = 0x00080050
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021
@@ -70,6 +80,26 @@ class Reconciled:
     # The sender's issuer, or the sender's code if the instance named none: the original ID
     # means nothing without who issued it.
     original_issuer: str
+    # Why the local MRN of the NHS number was not used ("" if it was, or there is none): the
+    # receiving institution's records give the patient another birth date or sex.
+    identity_mismatch: str = ""
+
+
+@dataclass(frozen=True)
+class LocalPatient:
+    """A local MRN with what the receiving institution's records say of its patient."""
+
+    patient_id: str
+    issuer: str = ""  # the MRN's issuer, if known
+    birth_date: str = ""  # YYYYMMDD
+    sex: str = ""
+
+
+# NHS number -> local MRN: a bare MRN (a static map) or one with its demographics (the
+# patient index), checked against the instance's before it is used.
+MrnLookup = Callable[[str], "str | LocalPatient | None"]
+PATIENT_BIRTH_DATE = 0x00100030
+PATIENT_SEX = 0x00100040
 
 
 # The decisions, shared by the Dataset functions and the byte-level rewrite.
@@ -105,9 +135,14 @@ def _decide(
     sender_code: str,
     receiver_code: str,
     policy: Reconciliation,
-    mrn_lookup: Callable[[str], str | None],
+    mrn_lookup: MrnLookup,
+    birth_date: str = "",
+    sex: str = "",
 ) -> Reconciled:
-    mrn = mrn_lookup(nhs_number) if nhs_number else None
+    found = mrn_lookup(nhs_number) if nhs_number else None
+    local = LocalPatient(found) if isinstance(found, str) else found
+    mismatch = _mismatch(local, birth_date, sex) if local else ""
+    mrn = local.patient_id if local and not mismatch else ""
     if mrn:
         patient_id = mrn
     else:
@@ -118,13 +153,25 @@ def _decide(
     prefix = policy.accession_prefix.format(sender=sender_code)
     return Reconciled(
         patient_id=patient_id,
-        issuer_of_patient_id=policy.issuer_of_patient_id or receiver_code,
+        issuer_of_patient_id=policy.issuer_of_patient_id
+        or (local.issuer if local and mrn else "")
+        or receiver_code,
         accession_number=_prefixed_accession(accession, prefix),
         matched=bool(mrn),
         nhs_number=nhs_number,
         original_patient_id=original_id,
         original_issuer=original_issuer or sender_code,
+        identity_mismatch=mismatch,
     )
+
+
+def _mismatch(local: LocalPatient, birth_date: str, sex: str) -> str:
+    """Why the instance's patient may not be the local MRN's ("" if nothing says so)."""
+    if local.birth_date and birth_date and local.birth_date != birth_date:
+        return "birth date differs"
+    if local.sex and sex and local.sex.upper() != sex.upper():
+        return "sex differs"
+    return ""
 
 
 def _prefixed_accession(original: str, prefix: str) -> str:
@@ -210,7 +257,7 @@ def plan(
     sender_code: str,
     receiver_code: str,
     policy: Reconciliation,
-    mrn_lookup: Callable[[str], str | None],
+    mrn_lookup: MrnLookup,
 ) -> Reconciled:
     """Decide the local identity of ``ds`` without changing it."""
     return _decide(
@@ -222,6 +269,8 @@ def plan(
         receiver_code=receiver_code,
         policy=policy,
         mrn_lookup=mrn_lookup,
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
     )
 
 
@@ -306,22 +355,33 @@ def _parse_tag(text: str) -> BaseTag:
 # The file rewrite.
 
 
-def reconcile_file(
+@dataclass(frozen=True)
+class Rewritten:
+    """A reconciled dataset: ``head``, then the source file's bytes from ``offset`` on.
+
+    Only the start of a dataset changes, so a deliverer sends these bytes followed by the
+    rest of the file as it is, rather than writing a reconciled copy first.
+    """
+
+    result: Reconciled
+    meta: Meta  # the source's file meta
+    head: bytes
+    offset: int
+
+
+def reconcile_dataset(
     src: Path,
-    dst: Path,
     *,
     sender_code: str,
     receiver_code: str,
     policy: Reconciliation,
-    mrn_lookup: Callable[[str], str | None],
-) -> Reconciled:
-    """Write to ``dst`` a copy of the Part 10 file ``src`` with the patient identity reconciled.
+    mrn_lookup: MrnLookup,
+) -> Rewritten:
+    """The Part 10 file ``src``'s dataset with the patient identity reconciled.
 
-    The file meta is ImageBridge's own (``file_meta``) for the same SOP instance and transfer
-    syntax. In the dataset only groups 0008 and 0010 are rebuilt, from their original element
-    bytes and the new values; the rest, pixel data included, is copied by the kernel without
-    being read into Python. A deflated dataset is inflated, rewritten the same way and deflated
-    again. ``dst`` appears complete or not at all.
+    In the dataset only groups 0008 and 0010 are rebuilt, from their original element bytes
+    and the new values; the rest, pixel data included, is walked but not read. A deflated
+    dataset is inflated, rewritten the same way and deflated again, wholly into ``head``.
 
     Raises BadDataset if ``src`` is not a readable Part 10 file, including one whose data
     elements are out of order or repeated: a second PatientID further on would otherwise
@@ -333,14 +393,12 @@ def reconcile_file(
         syntax = UID(meta.transfer_syntax_uid)
         if not syntax.is_transfer_syntax:
             raise BadDataset(f"unsupported transfer syntax {syntax}")
-        meta_bytes = file_meta(meta.sop_class_uid, meta.sop_instance_uid, syntax)
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        with buf:
+        size = fh.seek(0, io.SEEK_END)
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             reconcile = _Rewrite(syntax, sender_code, receiver_code, policy, mrn_lookup)
             if not syntax.is_deflated:
                 head, rest = reconcile(buf, start)
-                _write_atomically(dst, meta_bytes + head, buf, fh.fileno(), rest)
-                return reconcile.result
+                return Rewritten(reconcile.result, meta, head, rest)
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             try:
                 body = inflater.decompress(buf[start:])
@@ -352,8 +410,36 @@ def reconcile_file(
     deflater = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     deflated = deflater.compress(head) + deflater.compress(body[rest:]) + deflater.flush()
     # PS3.5 A.5: an odd-length deflated stream gets one padding byte.
-    _write_atomically(dst, meta_bytes + deflated + b"\x00" * (len(deflated) % 2))
-    return reconcile.result
+    return Rewritten(reconcile.result, meta, deflated + b"\x00" * (len(deflated) % 2), size)
+
+
+def reconcile_file(
+    src: Path,
+    dst: Path,
+    *,
+    sender_code: str,
+    receiver_code: str,
+    policy: Reconciliation,
+    mrn_lookup: MrnLookup,
+) -> Reconciled:
+    """Write to ``dst`` a copy of the Part 10 file ``src`` with the patient identity reconciled.
+
+    The file meta is ImageBridge's own (``file_meta``) for the same SOP instance and transfer
+    syntax; the dataset is ``reconcile_dataset``'s, its unchanged part copied by the kernel
+    without being read into Python. ``dst`` appears complete or not at all.
+    """
+    rewritten = reconcile_dataset(
+        src,
+        sender_code=sender_code,
+        receiver_code=receiver_code,
+        policy=policy,
+        mrn_lookup=mrn_lookup,
+    )
+    meta = rewritten.meta
+    meta_bytes = file_meta(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax_uid)
+    with open(src, "rb") as fh:
+        _write_atomically(dst, meta_bytes + rewritten.head, fh.fileno(), rewritten.offset)
+    return rewritten.result
 
 
 class _Rewrite:
@@ -365,7 +451,7 @@ class _Rewrite:
         sender_code: str,
         receiver_code: str,
         policy: Reconciliation,
-        mrn_lookup: Callable[[str], str | None],
+        mrn_lookup: MrnLookup,
     ) -> None:
         self.order = "<" if syntax.is_little_endian else ">"
         self.implicit = syntax.is_implicit_VR
@@ -378,7 +464,7 @@ class _Rewrite:
 
     def __call__(self, buf: _Buffer, start: int) -> tuple[bytes, int]:
         """The new bytes for ``buf[start:rest]``, and ``rest``: where the copy resumes."""
-        elements = _walk(buf, start, self.order, self.implicit)
+        elements = walk(buf, start, self.order, self.implicit)
         # Groups 0008 and 0010 are rebuilt; the copy resumes at the first element after them.
         after = bisect_left(elements, 0x00110000, key=itemgetter(0))
         head = elements[:after]
@@ -397,7 +483,7 @@ class _Rewrite:
             return _decode(buf[bounds[1] : bounds[2]], codecs) if bounds else ""
 
         sequence = found.get(OTHER_PATIENT_IDS_SEQUENCE)
-        items = _items(buf, *sequence, self.order, self.implicit) if sequence else []
+        items = sequence_items(buf, *sequence, self.order, self.implicit) if sequence else []
         others = [(text(PATIENT_ID, item), text(ISSUER_OF_PATIENT_ID, item)) for item in items]
         primary = (text(PATIENT_ID), text(ISSUER_OF_PATIENT_ID))
         tagged = text(self.nhs_tag).split("\\") if self.nhs_tag is not None else []
@@ -409,6 +495,8 @@ class _Rewrite:
             receiver_code=self.receiver_code,
             policy=self.policy,
             mrn_lookup=self.mrn_lookup,
+            birth_date=text(PATIENT_BIRTH_DATE),
+            sex=text(PATIENT_SEX),
         )
 
         parts = {tag: buf[s:e] for tag, s, _, e in head}
@@ -453,7 +541,7 @@ class _Rewrite:
         # A sequence its sender could not name the VR of is UN, its items in implicit VR.
         item = self._item(r, codecs, self.implicit or buf[start + 4 : start + 6] == b"UN")
         (length,) = struct.unpack_from(self.order + "I", buf, value_start - 4)
-        if length == _UNDEFINED:  # before the sequence delimiter
+        if length == UNDEFINED_LENGTH:  # before the sequence delimiter
             return buf[start : end - 8] + item + buf[end - 8 : end]
         header = buf[start : value_start - 4] + struct.pack(self.order + "I", length + len(item))
         return header + buf[value_start:end] + item
@@ -477,7 +565,7 @@ class _Rewrite:
         head = struct.pack(order + "HH", tag >> 16, tag & 0xFFFF)
         if self.implicit if implicit is None else implicit:
             return head + struct.pack(order + "I", len(value)) + value
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             return head + vr + struct.pack(order + "HI", 0, len(value)) + value
         return head + vr + struct.pack(order + "H", len(value)) + value
 
@@ -488,159 +576,15 @@ def _decode(value: bytes, codecs: list[str]) -> str:
     return "\\".join(v.rstrip("\x00 ") for v in text.split("\\")).strip()
 
 
-# Data element framing (PS3.5 7.1 and 7.5): enough to find each element's bytes without
-# decoding its value.
-
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-# Two upper-case letters; anything else is an implicit-VR element in an explicit-VR dataset,
-# which pydicom accepts too.
-_EXPLICIT_VRS = frozenset(bytes((a, b)) for a in range(65, 91) for b in range(65, 91))
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-def _walk(buf: _Buffer, pos: int, order: str, implicit: bool) -> list[tuple[int, int, int, int]]:
-    """(tag, start, value start, end) of each top-level element from ``pos`` on.
-
-    Pixel data is walked over too, without being read: a truncated file is refused here
-    rather than delivered. For encapsulated pixel data that means one item header a frame.
-    """
-    # The hot loop of the rewrite: _header inlined, which makes it a third faster.
-    explicit_header, implicit_header, length_field = _HEADERS[order]
-    elements: list[tuple[int, int, int, int]] = []
-    previous = -1
-    size = len(buf)
-    try:
-        while pos < size:
-            vr = b""
-            if implicit:
-                group, elem, length = implicit_header.unpack_from(buf, pos)
-                value_start = pos + 8
-            else:
-                group, elem, vr, length = explicit_header.unpack_from(buf, pos)
-                value_start = pos + 8
-                if vr in _LONG_VRS:
-                    (length,) = length_field.unpack_from(buf, pos + 8)
-                    value_start = pos + 12
-                elif vr not in _EXPLICIT_VRS:
-                    group, elem, length = implicit_header.unpack_from(buf, pos)
-                    vr = b""
-            tag = group << 16 | elem
-            if tag <= previous:
-                raise BadDataset(f"data element ({group:04X},{elem:04X}) out of order")
-            if length == _UNDEFINED or value_start + length > size:
-                end = _end(buf, value_start, length, vr, order, implicit)
-            else:
-                end = value_start + length
-            elements.append((tag, pos, value_start, end))
-            previous, pos = tag, end
-    except struct.error as exc:
-        raise BadDataset("dataset truncated") from exc
-    return elements
-
-
-_HEADERS = {
-    order: (
-        struct.Struct(order + "HH2sH"),
-        struct.Struct(order + "HHI"),
-        struct.Struct(order + "I"),
-    )
-    for order in "<>"
-}
-
-
-def _header(buf: _Buffer, pos: int, order: str, implicit: bool) -> tuple[int, int, int, bytes]:
-    """The tag, value start, value length and VR (b"" if implicit) of the element at ``pos``."""
-    explicit_header, implicit_header, length_field = _HEADERS[order]
-    if not implicit:
-        group, elem, vr, length = explicit_header.unpack_from(buf, pos)
-        if vr in _LONG_VRS:
-            return group << 16 | elem, pos + 12, length_field.unpack_from(buf, pos + 8)[0], vr
-        if vr in _EXPLICIT_VRS:
-            return group << 16 | elem, pos + 8, length, vr
-    group, elem, length = implicit_header.unpack_from(buf, pos)
-    return group << 16 | elem, pos + 8, length, b""
-
-
-def _end(buf: _Buffer, value_start: int, length: int, vr: bytes, order: str, implicit: bool) -> int:
-    if length == _UNDEFINED:
-        # Items of a UN (a sequence its sender could not name) are in implicit VR (PS3.5 6.2.2).
-        end = _items_end(buf, value_start, order, implicit or vr == b"UN")
-    else:
-        end = value_start + length
-    if end > len(buf):
-        raise BadDataset("dataset truncated")
-    return end
-
-
-def _element_bounds(buf: _Buffer, pos: int, order: str, implicit: bool) -> tuple[int, int, int]:
-    """The tag, value start and end of the element at ``pos``."""
-    tag, value_start, length, vr = _header(buf, pos, order, implicit)
-    return tag, value_start, _end(buf, value_start, length, vr, order, implicit)
-
-
-def _items_end(buf: _Buffer, pos: int, order: str, implicit: bool) -> int:
-    """Where an undefined-length value (items, then a sequence delimiter) ends."""
-    while True:
-        group, elem, length = struct.unpack_from(order + "HHI", buf, pos)
-        tag = group << 16 | elem
-        pos += 8
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            raise BadDataset("malformed sequence")
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while struct.unpack_from(order + "HH", buf, pos) != (0xFFFE, 0xE00D):
-            pos = _element_bounds(buf, pos, order, implicit)[2]
-        pos += 8  # the item delimiter
-
-
-def _items(
-    buf: _Buffer, start: int, value_start: int, end: int, order: str, implicit: bool
-) -> list[dict[int, tuple[int, int, int]]]:
-    """For each item of the sequence element at ``start``: its elements' (start, value start,
-    end) by tag."""
-    implicit = implicit or buf[start + 4 : start + 6] == b"UN"
-    items: list[dict[int, tuple[int, int, int]]] = []
-    pos = value_start
-    try:
-        while pos < end:
-            group, elem, length = struct.unpack_from(order + "HHI", buf, pos)
-            pos += 8
-            if group << 16 | elem == _SEQUENCE_END:
-                break
-            if group << 16 | elem != _ITEM:
-                raise BadDataset("malformed sequence")
-            item_end = end if length == _UNDEFINED else pos + length
-            elements: dict[int, tuple[int, int, int]] = {}
-            while pos < item_end:
-                if struct.unpack_from(order + "HH", buf, pos) == (0xFFFE, 0xE00D):
-                    pos += 8
-                    break
-                tag, elem_value, elem_end = _element_bounds(buf, pos, order, implicit)
-                elements[tag] = (pos, elem_value, elem_end)
-                pos = elem_end
-            items.append(elements)
-    except struct.error as exc:
-        raise BadDataset("malformed sequence") from exc
-    return items
-
-
-def _write_atomically(
-    dst: Path, head: bytes, src: mmap.mmap | None = None, src_fd: int = -1, offset: int = 0
-) -> None:
-    """``head`` then ``src[offset:]`` into ``dst``, through a temporary file and a rename."""
+def _write_atomically(dst: Path, head: bytes, src_fd: int, offset: int) -> None:
+    """``head`` then the file ``src_fd`` from ``offset`` into ``dst``, through a temporary
+    file and a rename."""
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
             _write_all(fd, head)
-            if src is not None:
-                _copy(src, src_fd, fd, offset)
+            _copy(src_fd, fd, offset)
         finally:
             os.close(fd)
         os.replace(tmp, dst)
@@ -649,9 +593,9 @@ def _write_atomically(
         raise
 
 
-def _copy(src: mmap.mmap, src_fd: int, fd: int, offset: int) -> None:
-    """``src[offset:]`` into ``fd``, in the kernel where it can (no copy through Python)."""
-    count = len(src) - offset
+def _copy(src_fd: int, fd: int, offset: int) -> None:
+    """The file ``src_fd`` from ``offset`` into ``fd``, in the kernel where it can."""
+    count = os.fstat(src_fd).st_size - offset
     if hasattr(os, "sendfile"):
         try:
             while count > 0:
@@ -663,8 +607,13 @@ def _copy(src: mmap.mmap, src_fd: int, fd: int, offset: int) -> None:
         except OSError as exc:  # file-to-file sendfile is Linux only
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP):
                 raise
-    if count > 0:
-        _write_all(fd, src[offset:])
+    while count > 0:
+        chunk = os.pread(src_fd, min(count, 1 << 20), offset)
+        if not chunk:
+            raise BadDataset("source file shrank while being copied")
+        _write_all(fd, chunk)
+        offset += len(chunk)
+        count -= len(chunk)
 
 
 def _write_all(fd: int, data: bytes) -> None:

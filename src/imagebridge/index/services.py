@@ -12,6 +12,7 @@ from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.nhs import normalise_nhs_number
+from imagebridge.patients.services import link_indexed
 
 
 class IdentityConflict(ValueError):
@@ -28,12 +29,11 @@ class _Cache:
 
 
 def nhs_number_of(header: Header, nhs_issuer: str) -> str | None:
-    ds = header.dataset
-    if str(ds.get("IssuerOfPatientID", "")) == nhs_issuer:
-        return normalise_nhs_number(str(ds.get("PatientID", "")))
-    for item in ds.get("OtherPatientIDsSequence", []):
-        if str(item.get("IssuerOfPatientID", "")) == nhs_issuer:
-            return normalise_nhs_number(str(item.get("PatientID", "")))
+    if header.text("IssuerOfPatientID") == nhs_issuer:
+        return normalise_nhs_number(header.text("PatientID"))
+    for item in header.items("OtherPatientIDsSequence"):
+        if item.text("IssuerOfPatientID") == nhs_issuer:
+            return normalise_nhs_number(item.text("PatientID"))
     return None
 
 
@@ -76,6 +76,8 @@ def index_instances(
             continue
         placed.append((_series(session, study, header, cache), header, sha, size))
     session.flush()
+    # The patient index follows the patients indexed here (and flags disagreements).
+    link_indexed(session, cache.patients.values())
     # The newest bytes received become the stored copy; an instance sent twice in one
     # batch is one row, with the later bytes.
     rows: dict[tuple[int, str], dict[str, Any]] = {}
