@@ -40,6 +40,8 @@ from imagebridge.dicom import ul
 from imagebridge.dicom.net import set_nodelay
 from imagebridge.dicom.part10 import file_meta, read_meta
 from imagebridge.dicom.store_scu import FileToSend, Node, NodeUnavailable, store_files
+from imagebridge.gateway.reconcile import Rewritten, reconcile_dataset
+from imagebridge.settings import Reconciliation
 
 STORESCP = "/usr/bin/storescp"  # absolute: pynetdicom installs a "storescp" too
 PEER_AE = "PEER"
@@ -125,17 +127,10 @@ def start_peer() -> Iterator[Callable[..., Peer]]:
         server.shutdown()
 
 
-# 1. Byte for byte into DCMTK, in many small PDUs and in a few large ones.
-
-
-@pytest.mark.peers
-@pytest.mark.parametrize("max_pdu", [4096, 131072])
-def test_dcmtk_receives_the_datasets_byte_for_byte(tmp_path: Path, max_pdu: int) -> None:
-    storescp = require_tool(STORESCP)
-    # 512 x 512 x 16 bit: 128 PDUs a file at 4096, 5 at 131072.
-    study = generate_ct_study(tmp_path / "src", slices=3, rows=512, columns=512)
-    files = to_send(study.paths)
-    out = tmp_path / "out"
+def store_into_storescp(
+    storescp: str, out: Path, max_pdu: int, files: list[FileToSend]
+) -> dict[str, Path]:
+    """Send files to a DCMTK storescp; what it stored, by SOP Instance UID."""
     out.mkdir()
     port = free_port()
     # +B: DCMTK writes its own meta, then the dataset exactly as it arrived.
@@ -148,11 +143,25 @@ def test_dcmtk_receives_the_datasets_byte_for_byte(tmp_path: Path, max_pdu: int)
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=10)
-    assert [r.outcome for r in results] == ["delivered"] * 3, (results, stderr)
+    assert [r.outcome for r in results] == ["delivered"] * len(files), (results, stderr)
     received = {
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out.iterdir()
     }
-    assert len(received) == 3
+    assert len(received) == len(files)
+    return received
+
+
+# 1. Byte for byte into DCMTK, in many small PDUs and in a few large ones.
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("max_pdu", [4096, 131072])
+def test_dcmtk_receives_the_datasets_byte_for_byte(tmp_path: Path, max_pdu: int) -> None:
+    storescp = require_tool(STORESCP)
+    # 512 x 512 x 16 bit: 128 PDUs a file at 4096, 5 at 131072.
+    study = generate_ct_study(tmp_path / "src", slices=3, rows=512, columns=512)
+    files = to_send(study.paths)
+    received = store_into_storescp(storescp, tmp_path / "out", max_pdu, files)
     for f in files:
         with open(f.path, "rb") as fh:
             meta = read_meta(fh)
@@ -343,3 +352,68 @@ def test_message_ids_increase_and_the_association_is_released(
         with open(f.path, "rb") as fh:
             expected.append(read_meta(fh).sop_instance_uid)
     assert sent == expected
+
+
+# 6. A dataset rewritten at its start (a reconciled instance): the new start goes from
+#    memory, the rest from the stored file as it is.
+
+
+def rewritten(path: Path) -> tuple[FileToSend, Rewritten]:
+    r = reconcile_dataset(
+        path,
+        sender_code="SEG",
+        receiver_code="RVH",
+        policy=Reconciliation(),
+        mrn_lookup=lambda nhs_number: None,
+    )
+    meta = r.meta
+    to_send = FileToSend(
+        path,
+        meta.sop_class_uid,
+        meta.transfer_syntax_uid,
+        head=r.head,
+        offset=r.offset,
+        sop_instance_uid=meta.sop_instance_uid,
+    )
+    return to_send, r
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("max_pdu", [16384, 131072])
+def test_a_rewritten_start_then_the_stored_rest_arrive_byte_for_byte(
+    tmp_path: Path, max_pdu: int
+) -> None:
+    storescp = require_tool(STORESCP)
+    study = generate_ct_study(tmp_path / "src", slices=3, rows=512, columns=512)
+    pairs = [rewritten(path) for path in study.paths]
+    received = store_into_storescp(storescp, tmp_path / "out", max_pdu, [f for f, _ in pairs])
+    for f, r in pairs:
+        stored = received[f.sop_instance_uid]
+        assert dataset_bytes(stored) == r.head + f.path.read_bytes()[r.offset :]
+        ds = pydicom.dcmread(stored)
+        assert ds.PatientID == "EXT-SEG-A123456"
+        assert ds.PixelData == pydicom.dcmread(f.path).PixelData
+
+
+def test_a_rewritten_jpeg2000_is_decompressed_with_its_new_start(
+    tmp_path: Path, start_peer: Callable[..., Peer]
+) -> None:
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm", download=False))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    path = tmp_path / "j2k.dcm"
+    sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    path.write_bytes(file_meta(sop_class, sop_instance, JPEG2000) + buffer.getvalue())
+    to_send, _ = rewritten(path)
+
+    peer = start_peer([(sop_class, UNCOMPRESSED)])
+    [result] = store_files(peer.node, CALLING_AE, [to_send], timeout=10)
+    assert result.outcome == "delivered", result
+    [(received, syntax)] = peer.stored
+    assert syntax in UNCOMPRESSED
+    assert received.SOPInstanceUID == sop_instance
+    assert received.PatientID == f"EXT-SEG-{ds.PatientID}"
+    assert received.IssuerOfPatientID == "RVH"
+    assert np.array_equal(received.pixel_array, pydicom.dcmread(path).pixel_array)

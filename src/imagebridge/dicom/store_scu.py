@@ -17,8 +17,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from imagebridge.dicom.net import UNCOMPRESSED, requested_contexts
-from imagebridge.dicom.part10 import BadDataset, read_meta
-from imagebridge.dicom.ul import Association, AssociationError
+from imagebridge.dicom.part10 import BadDataset, file_meta, read_meta
+from imagebridge.dicom.ul import Association, AssociationError, FileRange
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,15 @@ class Node:
 
 @dataclass(frozen=True)
 class FileToSend:
+    """A stored Part 10 file's dataset; or, given ``head``, a dataset rewritten at its start:
+    ``head``, then the file's bytes from ``offset`` on (see ``reconcile_dataset``)."""
+
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
+    head: bytes | None = None
+    offset: int = 0
+    sop_instance_uid: str = ""  # with ``head``: the file's meta is not read
 
 
 @dataclass(frozen=True)
@@ -93,16 +99,18 @@ def _store_one(assoc: Association, f: FileToSend) -> StoreResult:
     try:
         if context is not None:
             with open(f.path, "rb") as fh:
-                meta = read_meta(fh)
-                length = fh.seek(0, 2) - meta.dataset_offset
-                fh.seek(meta.dataset_offset)
-                rsp = assoc.c_store(context, f.sop_class_uid, meta.sop_instance_uid, fh, length)
+                head, offset, sop_instance = f.head, f.offset, f.sop_instance_uid
+                if head is None:
+                    meta = read_meta(fh)
+                    head, offset, sop_instance = b"", meta.dataset_offset, meta.sop_instance_uid
+                rest = FileRange(fh, offset, fh.seek(0, io.SEEK_END) - offset)
+                rsp = assoc.c_store(context, f.sop_class_uid, sop_instance, [head, rest])
         else:
             converted = _convert_for(assoc, f)
             if isinstance(converted, StoreResult):
                 return converted
             context, sop_instance, data = converted
-            rsp = assoc.c_store(context, f.sop_class_uid, sop_instance, io.BytesIO(data), len(data))
+            rsp = assoc.c_store(context, f.sop_class_uid, sop_instance, [data])
     except AssociationError as exc:
         return StoreResult("retry", f"C-STORE not completed: {exc}")
     except (OSError, BadDataset) as exc:
@@ -123,7 +131,7 @@ def _convert_for(assoc: Association, f: FileToSend) -> tuple[int, str, bytes] | 
         if context is None:
             continue
         try:
-            ds = dcmread(f.path)
+            ds = dcmread(_part10(f))
             if ds.file_meta.TransferSyntaxUID.is_compressed:
                 # The same instance in another syntax: keep its SOP Instance UID.
                 ds.decompress(generate_instance_uid=False)
@@ -135,3 +143,14 @@ def _convert_for(assoc: Association, f: FileToSend) -> tuple[int, str, bytes] | 
             return StoreResult("failed", f"cannot decompress for the peer: {type(exc).__name__}")
         return context, str(ds.SOPInstanceUID), buffer.getvalue()
     return StoreResult("failed", "the peer accepts neither the SOP class nor its syntax")
+
+
+def _part10(f: FileToSend) -> Path | io.BytesIO:
+    """The file to read as a whole: as stored, or rebuilt in memory with its new start."""
+    if f.head is None:
+        return f.path
+    with open(f.path, "rb") as fh:
+        fh.seek(f.offset)
+        rest = fh.read()
+    meta = file_meta(f.sop_class_uid, f.sop_instance_uid, f.transfer_syntax_uid)
+    return io.BytesIO(meta + f.head + rest)

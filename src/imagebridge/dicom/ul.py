@@ -9,10 +9,11 @@ dataset goes from the file to the socket in PDU-sized slices, never decoded.
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from imagebridge.dicom.net import set_nodelay
 from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -21,6 +22,10 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 OUR_MAX_PDU = 1 << 20
 # When the peer sets no limit (0), still send bounded PDUs.
 UNLIMITED_SEND_PDU = 1 << 20
+# A dataset is read from its file this much at a time, and its PDUs sent in one system
+# call: DCMTK accepts 16 KiB PDUs by default, a few thousand of them for a CT.
+SEND_CHUNK = 1 << 20
+MAX_IOV = 512  # well below IOV_MAX (1024 on Linux)
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x05, 0x06, 0x07
@@ -133,6 +138,15 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 
 
 @dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of an open file, from ``offset``."""
+
+    file: io.BufferedIOBase
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class StoreResponse:
     status: int
     error_comment: str
@@ -150,6 +164,7 @@ class Association:
         self.fragment = max(1, min(peer, UNLIMITED_SEND_PDU) - 6)
         self.message_id = 0
         self.established = True
+        self._buffer = bytearray(SEND_CHUNK)
 
     @classmethod
     def open(
@@ -196,41 +211,71 @@ class Association:
         context_id: int,
         sop_class: str,
         sop_instance: str,
-        dataset: BinaryIO,
-        length: int,
+        dataset: Sequence[bytes | FileRange],
         priority: int = PRIORITY_MEDIUM,
     ) -> StoreResponse:
-        """Send one dataset (``length`` bytes from ``dataset``'s position) and await the answer."""
+        """Send one dataset, the concatenation of ``dataset``'s parts, and await the answer."""
         self.message_id = (self.message_id % 0xFFFF) + 1
         command = c_store_rq(self.message_id, sop_class, sop_instance, priority)
         try:
-            self._send_pdv(context_id, command, is_command=True, last=True)
-            remaining = length
-            while True:
-                chunk = dataset.read(min(self.fragment, remaining))
-                remaining -= len(chunk)
-                if not chunk and remaining > 0:
-                    raise ProtocolError("the file ended before its dataset did")
-                self._send_pdv(context_id, chunk, is_command=False, last=remaining <= 0)
-                if remaining <= 0:
-                    break
+            self._send_dataset(context_id, command, dataset)
             return self._read_response()
         except (OSError, ProtocolError) as exc:
             self.abort()
             raise AssociationError(f"association lost during C-STORE: {exc}") from exc
 
-    def _send_pdv(self, context_id: int, data: bytes, *, is_command: bool, last: bool) -> None:
-        control = (1 if is_command else 0) | (2 if last else 0)
-        header = struct.pack(
-            ">BBIIBB", P_DATA_TF, 0, len(data) + 6, len(data) + 2, context_id, control
-        )
-        sent = self.sock.sendmsg([header, data])
-        # sendmsg may take only part (a slow peer, a full send buffer): send the rest.
-        if sent < len(header):
-            self.sock.sendall(header[sent:])
-            sent = len(header)
-        if sent < len(header) + len(data):
-            self.sock.sendall(memoryview(data)[sent - len(header) :])
+    def _send_dataset(
+        self, context_id: int, command: bytes, parts: Sequence[bytes | FileRange]
+    ) -> None:
+        """The command, then the dataset in PDUs of the negotiated size, many PDUs to a
+        system call, file bytes read into one reused buffer."""
+        iov: list[bytes | memoryview] = [_pdv_header(context_id, len(command), 3), command]
+        remaining = sum(len(p) if isinstance(p, bytes) else p.length for p in parts)
+        if remaining == 0:
+            iov.append(_pdv_header(context_id, 0, 2))
+        room = 0  # what the current PDU still takes
+        for chunk, reused in self._chunks(parts):
+            while chunk:
+                if room == 0:
+                    room = min(self.fragment, remaining)
+                    remaining -= room
+                    iov.append(_pdv_header(context_id, room, 0 if remaining else 2))
+                iov.append(chunk[:room])
+                taken = min(room, len(chunk))
+                chunk, room = chunk[taken:], room - taken
+                if len(iov) >= MAX_IOV:
+                    self._send_all(iov)
+            if reused:  # the buffer is read into again: what points into it goes first
+                self._send_all(iov)
+        self._send_all(iov)
+
+    def _chunks(self, parts: Sequence[bytes | FileRange]) -> Iterator[tuple[memoryview, bool]]:
+        """The parts' bytes, a file's read into the association's buffer (True: reused)."""
+        buffer = memoryview(self._buffer)
+        for part in parts:
+            if isinstance(part, bytes):
+                yield memoryview(part), False
+                continue
+            part.file.seek(part.offset)
+            left = part.length
+            while left:
+                n = part.file.readinto(buffer[: min(left, len(buffer))])
+                if not n:
+                    raise ProtocolError("the file ended before its dataset did")
+                left -= n
+                yield buffer[:n], True
+
+    def _send_all(self, iov: list[bytes | memoryview]) -> None:
+        """sendmsg until all of ``iov`` is sent (it may take part: a full send buffer)."""
+        start = 0
+        while start < len(iov):
+            sent = self.sock.sendmsg(iov[start : start + MAX_IOV])
+            while start < len(iov) and sent >= len(iov[start]):
+                sent -= len(iov[start])
+                start += 1
+            if sent:
+                iov[start] = memoryview(iov[start])[sent:]
+        iov.clear()
 
     def _read_response(self) -> StoreResponse:
         command = bytearray()
@@ -282,6 +327,12 @@ class Association:
             with contextlib.suppress(OSError):
                 self.sock.sendall(struct.pack(">BBIBBBB", A_ABORT, 0, 4, 0, 0, 0, 0))
         self.sock.close()
+
+
+def _pdv_header(context_id: int, length: int, control: int) -> bytes:
+    """A P-DATA-TF PDU holding one PDV of ``length`` bytes; control bit 0 marks a command,
+    bit 1 the last fragment."""
+    return struct.pack(">BBIIBB", P_DATA_TF, 0, length + 6, length + 2, context_id, control)
 
 
 MAX_INCOMING_PDU = OUR_MAX_PDU + 64

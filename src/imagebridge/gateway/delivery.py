@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from imagebridge.dicom.reports import basic_text_sr, encapsulated_pdf, to_part10
 from imagebridge.dicom.store_scu import FileToSend, Node, NodeUnavailable, StoreResult, store_files
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
-from imagebridge.gateway.reconcile import apply, plan, reconcile_file
+from imagebridge.gateway.reconcile import apply, plan, reconcile_dataset
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.uploader import Backoff
 from imagebridge.settings import GatewaySettings
@@ -67,8 +68,10 @@ class Deliverer:
             threading.Thread(target=self._send_loop, name="sender", daemon=True),
         ]
         self.backoff = Backoff(settings.retry_initial_seconds, settings.retry_max_seconds)
-        # The fetcher must not find a cached blob that the sender is about to evict.
+        # The fetcher must not find a cached blob that the sender is about to evict; and a
+        # blob stays while a prepared batch still sends from it (two may share one).
         self._cache_lock = threading.Lock()
+        self._in_use: Counter[str] = Counter()
         self._pacs_ok = threading.Event()
         self._pacs_ok.set()
 
@@ -150,11 +153,11 @@ class Deliverer:
         me = self.routing.institution or self.settings.ae_title
         for item in work["instances"]:
             src = self.cache / f"{item['sha256']}.dcm"
-            dst = self.ready / f"{p.transfer_id}-{item['id']}.dcm"
             try:
-                reconcile_file(
+                # Only the dataset's start changes: it is sent from memory, then the rest
+                # straight from the cached blob.
+                rewritten = reconcile_dataset(
                     src,
-                    dst,
                     sender_code=p.sender,
                     receiver_code=me,
                     policy=policy,
@@ -170,10 +173,16 @@ class Deliverer:
                     }
                 )
                 continue
-            p.files.append(dst)
-            p.instances.append(
-                (item["id"], FileToSend(dst, item["sop_class_uid"], item["transfer_syntax_uid"]))
+            to_send = FileToSend(
+                src,
+                item["sop_class_uid"],
+                item["transfer_syntax_uid"],
+                head=rewritten.head,
+                offset=rewritten.offset,
+                sop_instance_uid=rewritten.meta.sop_instance_uid,
             )
+            p.instances.append((item["id"], to_send))
+        self._in_use.update(p.blobs)
         for report in work["reports"]:
             try:
                 p.reports.append(self._prepare_report(p, report))
@@ -255,6 +264,7 @@ class Deliverer:
         for path in p.files:
             path.unlink(missing_ok=True)
         if any(r.outcome == "retry" for r in results):
+            self._release(p, evict=False)  # kept for the retry
             self._pacs_ok.clear()
             delay = self.backoff.failed()
             log.warning("PACS delivery deferred; retrying in %.1f s", delay)
@@ -265,7 +275,7 @@ class Deliverer:
             self._hand_back_queued()
             self._pacs_ok.set()
         else:
-            self._evict(p)
+            self._release(p, evict=True)
 
     def _report(
         self, p: Prepared, instances: list[dict[str, Any]], reports: list[dict[str, Any]]
@@ -299,12 +309,18 @@ class Deliverer:
         )
         for path in queued.files:
             path.unlink(missing_ok=True)
+        self._release(queued, evict=False)
 
-    def _evict(self, p: Prepared) -> None:
-        """Drop delivered blobs from the cache; a report's template is fetched again if needed."""
+    def _release(self, p: Prepared, *, evict: bool) -> None:
+        """A batch is done with its blobs. Delivered ones leave the cache unless another batch
+        still needs them; a report's template is fetched again if needed."""
         with self._cache_lock:
+            self._in_use.subtract(p.blobs)
             for sha in p.blobs:
-                (self.cache / f"{sha}.dcm").unlink(missing_ok=True)
+                if self._in_use[sha] <= 0:
+                    del self._in_use[sha]
+                    if evict:
+                        (self.cache / f"{sha}.dcm").unlink(missing_ok=True)
 
 
 _RANK = {"delivered": 0, "retry": 1, "failed": 2}
