@@ -127,6 +127,8 @@ def _url(path: str) -> str:
         ("{token_id}", "999999"),
         ("{share_id}", "999999"),
         ("{session_id}", "999999"),
+        ("{patient_id}", "999999"),
+        ("{flag_id}", "999999"),
     ):
         path = path.replace(name, value)
     assert "{" not in path, f"give the test a value for {path}"

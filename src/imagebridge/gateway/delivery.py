@@ -22,6 +22,7 @@ from imagebridge.dicom.reports import basic_text_sr, encapsulated_pdf, to_part10
 from imagebridge.dicom.store_scu import FileToSend, Node, NodeUnavailable, StoreResult, store_files
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.patient_index import IndexedMrnLookup
 from imagebridge.gateway.reconcile import apply, plan, reconcile_dataset
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.uploader import Backoff
@@ -74,6 +75,7 @@ class Deliverer:
         self._in_use: Counter[str] = Counter()
         self._pacs_ok = threading.Event()
         self._pacs_ok.set()
+        self._mrn_lookup = IndexedMrnLookup(hub, settings.reconciliation.mrn_map)
 
     def start(self) -> None:
         if not self.nodes:
@@ -93,9 +95,6 @@ class Deliverer:
             sender.join(timeout=LONG_POLL_SECONDS + 10)
         if fetcher.is_alive():
             fetcher.join(timeout=1.0)
-
-    def _mrn_lookup(self, nhs_number: str) -> str | None:
-        return self.settings.reconciliation.mrn_map.get(nhs_number)
 
     # -- fetching ---------------------------------------------------------------------------
 

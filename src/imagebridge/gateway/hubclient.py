@@ -215,6 +215,13 @@ class HubClient:
         )
         return result
 
+    def local_patient_id(self, nhs_number: str) -> dict[str, Any]:
+        """This institution's local ID for an NHS number, from the hub's patient index."""
+        result: dict[str, Any] = self._call(
+            "POST", "/api/v1/gateway/patients/local-id", json={"nhs_number": nhs_number}
+        )
+        return result
+
     def audit(self, events: list[dict[str, Any]]) -> None:
         self._call("POST", "/api/v1/gateway/audit", json={"events": events})
 

@@ -24,6 +24,7 @@ from imagebridge.audit.services import record
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
+from imagebridge.patients.routes import router as patients_router
 from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
@@ -62,6 +63,7 @@ def create_app(hub: Hub) -> FastAPI:
         transfers_router,
         shares_router,
         audit_router,
+        patients_router,
     ):
         app.include_router(router)
     return app

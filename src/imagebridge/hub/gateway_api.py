@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -21,6 +22,8 @@ from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, get_hub, public
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
+from imagebridge.nhs import normalise_nhs_number
+from imagebridge.patients import services as patient_index
 from imagebridge.storage.blobs import is_digest
 from imagebridge.storage.models import Blob
 from imagebridge.transfers import services
@@ -199,6 +202,33 @@ def release(actor: GatewayActor, hub: HubDep) -> dict[str, int]:
         count = services.release_leases(session, actor.institution_id)
     hub.notifier.nudge(actor.institution_id)
     return {"released": count}
+
+
+class LocalIdQuery(BaseModel):
+    nhs_number: str = Field(max_length=32)
+
+
+@router.post("/gateway/patients/local-id")
+def local_patient_id(body: LocalIdQuery, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
+    """This institution's local ID for an NHS number, from the patient index, with the
+    demographics its records hold for it; ``conflict`` says why there is none to file under.
+    The NHS number travels in the body: URLs end up in logs."""
+    nhs_number = normalise_nhs_number(body.nhs_number)
+    if nhs_number is None:
+        raise HTTPException(422, "not a valid NHS number (10 digits with a mod-11 check digit)")
+    assert actor.institution_id is not None
+    with hub.sessions() as session, session.begin():
+        found = patient_index.local_id(session, actor.institution_id, nhs_number)
+        record(
+            session,
+            "patient:identity:lookup",
+            institution_id=actor.institution_id,
+            patient_ref=nhs_number,
+            detail={"operation": "local-id", "found": found.patient_id is not None}
+            | ({"conflict": found.conflict} if found.conflict else {}),
+            **actor.audit(),
+        )
+    return asdict(found)
 
 
 @router.post("/gateway/audit", status_code=201)

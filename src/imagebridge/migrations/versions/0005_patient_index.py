@@ -138,7 +138,7 @@ def _link_indexed_patients() -> None:
     persons = sa.table("persons", sa.column("nhs_number"), sa.column("created_at"))
     for nhs_number in sorted({row.nhs_number for row in rows}):
         bind.execute(persons.insert().values(nhs_number=nhs_number, created_at=now))
-    ids = dict(bind.execute(sa.text("SELECT nhs_number, id FROM persons")).all())
+    ids: dict[str, int] = dict(bind.execute(sa.text("SELECT nhs_number, id FROM persons")).all())
     identifiers = sa.table(
         "patient_identifiers",
         *map(sa.column, _IDENTIFIER_COLUMNS),
