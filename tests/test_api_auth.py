@@ -49,6 +49,9 @@ EXPECTED = {
     ("POST", "/api/v1/users"): {"admin_institution", "admin_network"},
     ("POST", "/api/v1/shares"): {"share_external"},
     ("GET", "/api/v1/shared/{share_id}/package"): {"view_shared"},
+    ("GET", "/dicomweb/studies"): {"view_studies", "query_network"},
+    ("GET", "/dicomweb/studies/{study}"): {"view_studies", "download"},
+    ("POST", "/dicomweb/studies"): {"send_studies"},
 }
 
 
@@ -126,6 +129,11 @@ def _url(path: str) -> str:
         ("{user_id}", "999999"),
         ("{token_id}", "999999"),
         ("{share_id}", "999999"),
+        ("{study}", "1.2.3.999"),
+        ("{series}", "1.2.3.999.1"),
+        ("{instance}", "1.2.3.999.1.1"),
+        ("{frames}", "1"),
+        ("{path:path}", "7FE00010"),
         ("{session_id}", "999999"),
         ("{patient_id}", "999999"),
         ("{flag_id}", "999999"),

@@ -124,6 +124,9 @@ class HubSettings(_TomlSettings):
     blob_dir: Path | None = Field(None, description="Local blob store; default data_dir/blobs")
     host: str = "127.0.0.1"
     port: int = 8080
+    public_url: str = Field(
+        "", description="URL clients reach the hub at, for DICOMweb links; default: the request's"
+    )
     admin_token: str = Field(
         "", description="Network administrator API token; default: generated into data_dir"
     )

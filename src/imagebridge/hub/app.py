@@ -21,6 +21,7 @@ from imagebridge.actors import Actor
 from imagebridge.agreements.routes import router as agreements_router
 from imagebridge.audit.routes import router as audit_router
 from imagebridge.audit.services import record
+from imagebridge.dicomweb.routes import router as dicomweb_router
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
@@ -63,6 +64,7 @@ def create_app(hub: Hub) -> FastAPI:
         transfers_router,
         shares_router,
         audit_router,
+        dicomweb_router,
         patients_router,
     ):
         app.include_router(router)

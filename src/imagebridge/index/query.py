@@ -295,3 +295,77 @@ def _add_series_counts(session: Session, items: list[dict[str, Any]]) -> None:
     }
     for item in items:
         item["NumberOfSeriesRelatedInstances"] = counts.get(item["_series_id"], 0)
+
+
+@dataclass(frozen=True)
+class Located:
+    """One stored instance a retrieve may send, with what its answer and audit need."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_sha256: str
+    size: int
+    patient_id: str
+    institution_id: int
+
+
+def locate(
+    session: Session,
+    scope: Scope,
+    study_instance_uid: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> list[Located]:
+    """Every instance of a study (or of one series, or one instance) that ``scope`` may see,
+    in series and instance order; without a limit, since a retrieve sends them all.
+
+    A study held by two institutions is one study: each SOP instance comes once, from the
+    copy indexed last.
+    """
+    query = (
+        select(
+            Study.study_instance_uid,
+            Series.series_instance_uid,
+            Instance.sop_instance_uid,
+            Instance.sop_class_uid,
+            Instance.transfer_syntax_uid,
+            Instance.blob_sha256,
+            Instance.size,
+            Patient.patient_id,
+            Study.institution_id,
+            Series.series_number,
+            Instance.instance_number,
+        )
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .join(Patient, Patient.id == Study.patient_ref)
+        .where(Study.study_instance_uid == study_instance_uid, scope.where())
+        .order_by(Instance.id.desc())
+    )
+    if series_instance_uid is not None:
+        query = query.where(Series.series_instance_uid == series_instance_uid)
+    if sop_instance_uid is not None:
+        query = query.where(Instance.sop_instance_uid == sop_instance_uid)
+    found: dict[str, tuple[tuple[int, str, int, str], Located]] = {}
+    for row in session.execute(query):
+        if row.sop_instance_uid in found:
+            continue
+        order = (
+            _number(row.series_number),
+            row.series_instance_uid,
+            _number(row.instance_number),
+            row.sop_instance_uid,
+        )
+        found[row.sop_instance_uid] = (order, Located(*row[:9]))
+    return [located for _, located in sorted(found.values(), key=lambda item: item[0])]
+
+
+def _number(value: str) -> int:
+    """An IS value for ordering; one that is not a number goes last."""
+    try:
+        return int(value)
+    except ValueError:
+        return 2**31
