@@ -399,17 +399,23 @@ def test_a_birth_date_mismatch_is_flagged_for_a_human(
     assert audit(net, "patient:identity-flag:listed")
 
 
+def ask_local_id(net: InProcessHub, code: str, nhs: str) -> httpx.Response:
+    """As the institution's gateway asks on delivery."""
+    return net.client().post(
+        "/api/v1/gateway/patients/local-id",
+        json={"nhs_number": nhs},
+        headers={"Authorization": f"Bearer {net.gateway_token(code)}"},
+    )
+
+
 def test_one_local_id_under_two_nhs_numbers_is_flagged_and_given_to_neither(
     net: InProcessHub, people: dict[str, Person]
 ) -> None:
     [flag] = [f for f in flags(people["manager"]) if f["kind"] == "nhs_number"]
     assert {s["nhs_number"] for s in flag["identifiers"]} == {CAROL, DAVE}
     assert {s["value"] for s in flag["identifiers"]} == {"RVH0500"}
-    gateway = {"Authorization": f"Bearer {net.gateway_token('RVH')}"}
     for nhs in (CAROL, DAVE):
-        r = net.client().post(
-            "/api/v1/gateway/patients/local-id", json={"nhs_number": nhs}, headers=gateway
-        )
+        r = ask_local_id(net, "RVH", nhs)
         assert r.status_code == 200, r.text
         assert r.json()["patient_id"] is None
         assert "another NHS number" in r.json()["conflict"]
@@ -419,11 +425,7 @@ def test_the_receiving_gateway_asks_for_its_own_local_id(
     net: InProcessHub, registered: None
 ) -> None:
     def ask(code: str, nhs: str) -> Any:
-        r = net.client().post(
-            "/api/v1/gateway/patients/local-id",
-            json={"nhs_number": nhs},
-            headers={"Authorization": f"Bearer {net.gateway_token(code)}"},
-        )
+        r = ask_local_id(net, code, nhs)
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -443,11 +445,7 @@ def test_the_receiving_gateway_asks_for_its_own_local_id(
         "sex": "",
         "conflict": "",
     }
-    r = net.client().post(
-        "/api/v1/gateway/patients/local-id",
-        json={"nhs_number": "9434765918"},
-        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
-    )
+    r = ask_local_id(net, "RVH", "9434765918")
     assert r.status_code == 422 and "check digit" in r.text
     events = audit(net, "patient:identity:lookup")
     assert any(e["detail"]["operation"] == "local-id" and e["patient_ref"] == ALICE for e in events)

@@ -70,8 +70,8 @@ def _lookup(
     operation: str,
     answer: Callable[[Session, Scope], tuple[Response, list[str]]],
 ) -> Response:
-    """Run a lookup within the caller's scope; audited with the NHS numbers it named, or
-    with the reason it was refused."""
+    """Run a lookup within the caller's scope, audited: one event per patient it named (so
+    that an auditor searching by patient finds each), or one with why it named none."""
     with hub.sessions() as session, session.begin():
         try:
             response, nhs_numbers = answer(session, scope_of(session, actor))
@@ -80,20 +80,21 @@ def _lookup(
             reason = exc.diagnostics
         else:
             reason = ""
-        record(
-            session,
-            LOOKUP,
-            "success" if response.status_code < 400 else "failure",
-            institution_id=actor.institution_id,
-            patient_ref=",".join(nhs_numbers),
-            detail={
-                "operation": operation,
-                "status": response.status_code,
-                "returned": len(nhs_numbers),
-                **({"reason": reason[:300]} if reason else {}),
-            },
-            **actor.audit(),
-        )
+        for nhs_number in nhs_numbers or [""]:
+            record(
+                session,
+                LOOKUP,
+                "success" if response.status_code < 400 else "failure",
+                institution_id=actor.institution_id,
+                patient_ref=nhs_number,
+                detail={
+                    "operation": operation,
+                    "status": response.status_code,
+                    "returned": len(nhs_numbers),
+                    **({"reason": reason[:300]} if reason else {}),
+                },
+                **actor.audit(),
+            )
     return response
 
 

@@ -83,23 +83,27 @@ def link_indexed(session: Session, patients: Iterable[Patient]) -> list[Identity
         # A PatientID that is the NHS number itself is nobody's local identifier.
         if nhs_number is None or not patient.patient_id or patient.patient_id == nhs_number:
             continue
-        if patient.institution_id not in codes:
-            codes[patient.institution_id] = session.scalars(
-                select(Institution.code).where(Institution.id == patient.institution_id)
-            ).one()
-        person = person_for(session, nhs_number)
         wanted = Demographics(
             *from_person_name(patient.patient_name), patient.birth_date[:8], patient.sex[:16]
         )
-        row = session.scalar(select(PI).where(PI.patient_ref == patient.id))
-        if row is not None and row.person_id == person.id:
-            if demographics_of(row) == wanted:
-                continue
-        elif row is not None:
-            row.patient_ref = None  # kept, detached: the old link stays on record
+        linked = session.execute(
+            select(PI, Person.nhs_number)
+            .join(Person, Person.id == PI.person_id)
+            .where(PI.patient_ref == patient.id)
+        ).first()
+        row = linked[0] if linked else None
+        if linked and linked[1] == nhs_number and demographics_of(linked[0]) == wanted:
+            continue  # the usual case: one more batch of a patient already linked
+        if linked and linked[1] != nhs_number:
+            linked[0].patient_ref = None  # kept, detached: the old link stays on record
             session.flush()
             row = None
+        person = person_for(session, nhs_number)
         if row is None:
+            if patient.institution_id not in codes:
+                codes[patient.institution_id] = session.scalars(
+                    select(Institution.code).where(Institution.id == patient.institution_id)
+                ).one()
             row = PI(
                 person=person,
                 institution_id=patient.institution_id,
