@@ -34,6 +34,7 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 NO_ROUTE = 0xC001  # a failure status in the C000-CFFF "cannot understand" range
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.4.2: Refused: Not Authorized
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent, by the service user
 REJECTED_PERMANENT = 0x01
@@ -47,6 +48,7 @@ class _AssociationState:
     calling_ae_title: str
     called_ae_title: str
     address: str
+    permissions: frozenset[str]
     transfers: set[str] = field(default_factory=set)
     studies: Counter[tuple[str, str]] = field(default_factory=Counter)
     refused: int = 0
@@ -147,7 +149,9 @@ class StorageSCP:
             )
             return
         with self._lock:
-            self._states[id(assoc)] = _AssociationState(calling, called, address)
+            self._states[id(assoc)] = _AssociationState(
+                calling, called, address, frozenset(known[0].permissions)
+            )
         self.journal.write(
             "dicom:association:accepted",
             source_address=address,
@@ -172,16 +176,26 @@ class StorageSCP:
             reason=why,
         )
 
-    def _on_echo(self, event: evt.Event) -> int:
+    def _on_echo(self, event: evt.Event) -> int | Dataset:
+        state = self._states.get(id(event.assoc))
+        if state is None or "echo" not in state.permissions:
+            if state is not None:
+                return self._refuse(state, NOT_AUTHORIZED, "C-ECHO not permitted", "", "")
+            return _status(NOT_AUTHORIZED, "C-ECHO not permitted")
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         state = self._states.get(id(event.assoc))
         if state is None:
             return _status(CANNOT_UNDERSTAND, "association not accepted")
+        if "store" not in state.permissions:
+            return self._refuse(state, NOT_AUTHORIZED, "C-STORE not permitted", "", "")
         route = self.routing.lookup(state.called_ae_title)
         if route is None:
             return self._refuse(state, NO_ROUTE, "no route: send to a routing AE title", "", "")
+        refusal = self.routing.refusal or route.refusal
+        if refusal:
+            return self._refuse(state, NOT_AUTHORIZED, refusal, "", "")
         request = event.request
         assert isinstance(request, C_STORE) and request.DataSet is not None
         syntax = str(event.context.transfer_syntax)

@@ -16,7 +16,6 @@ from imagebridge.pki.tls import hub_client_context
 from imagebridge.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-ROUTES_REFRESH_SECONDS = 60.0
 
 
 class Gateway:
@@ -64,7 +63,7 @@ class Gateway:
         return self.port
 
     def _refresh_loop(self) -> None:
-        while not self._stop.wait(ROUTES_REFRESH_SECONDS):
+        while not self._stop.wait(self.settings.routes_refresh_seconds):
             self.refresh_routes()
 
     def stop(self) -> None:
