@@ -30,6 +30,8 @@ from imagebridge.transfers.models import (
 
 OPEN_STATUSES = (TransferStatus.receiving, TransferStatus.queued, TransferStatus.delivering)
 REPORT_MEDIA_TYPES = ("application/pdf", "text/plain")
+# session.info key: ids of the transfers this transaction delivered, for what runs after commit.
+DELIVERED = "transfers_delivered"
 
 
 _ITEMS = cast(Table, TransferInstance.__table__)
@@ -650,6 +652,8 @@ def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
     transfer.status = new
     if new in (TransferStatus.delivered, TransferStatus.failed):
         transfer.finished_at = utcnow()
+        if new == TransferStatus.delivered:
+            session.info.setdefault(DELIVERED, set()).add(transfer.id)
         record(
             session,
             f"transfer:transfer:{new}",
