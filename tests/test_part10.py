@@ -154,3 +154,44 @@ def test_elements_out_of_order_are_refused(ct: bytes) -> None:
     extra = struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", 8) + b"OTHER-ID"
     with pytest.raises(BadDataset, match="out of order"):
         read_header(ct + extra)
+
+
+EDGE_VALUES: dict[str, list[str | bytes]] = {
+    # What a sender may put in a value: padding on either side, several values, empty
+    # values, characters outside ASCII, and an integer string written in several ways.
+    "PatientID": [" A1 ", "A1\\B2", "", "ÄÖ-1", b"ID\x00"],
+    "PatientName": ["Doe^John", "Doe^John=Yamada^Taro", "Müller^Jürgen ", ""],
+    "InstanceNumber": [" 12", "0012", "+3", "-4 ", "", "1\\2"],
+    "RetrieveAETitle": [" PACS_A ", "A\\B"],
+    "StudyTime": ["101010.123 ", "1010"],
+    "StudyDate": ["20260101"],
+    "AccessionNumber": ["ACC\x00", "ESC\x1b(B1"],
+    "StudyDescription": ["CT  HEAD  ", "two\\values"],
+}
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+def test_edge_values_read_as_pydicom_reads_them(
+    tmp_path: Path, implicit: bool, charset: str
+) -> None:
+    base = dcmread(generate_ct_study(tmp_path / "ct", slices=1).paths[0])
+    syntax = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    for round_ in range(max(len(v) for v in EDGE_VALUES.values())):
+        ds = base.copy()
+        ds.SpecificCharacterSet = charset
+        for keyword, values in EDGE_VALUES.items():
+            value = values[round_ % len(values)]
+            if isinstance(value, bytes):
+                ds[keyword].value = value.decode("latin-1")
+            else:
+                setattr(ds, keyword, value)
+        ds.file_meta.TransferSyntaxUID = syntax
+        out = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(out, implicit_vr=implicit, little_endian=True)
+            written = dcmread(io.BytesIO(out.getvalue()))
+            header = read_header(out.getvalue())
+            for keyword in EDGE_VALUES:
+                assert header.text(keyword) == _text(written, keyword), (keyword, round_)

@@ -13,15 +13,16 @@ import mmap
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydicom import config
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -126,11 +127,36 @@ class Elements:
             raise BadDataset(f"unreadable value of {BaseTag(tag)}") from exc
 
     def text(self, keyword: str) -> str:
+        """The element's value as text, as ``str()`` of pydicom's value gives it."""
         text = self._texts.get(keyword)
         if text is None:
-            value = self.value(_tag(keyword))
-            text = self._texts[keyword] = "" if value is None else str(value)
+            tag = _tag(keyword)
+            text = self._plain_text(tag)
+            if text is None:
+                value = self.value(tag)
+                text = "" if value is None else str(value)
+            self._texts[keyword] = text
         return text
+
+    def _plain_text(self, tag: int) -> str | None:
+        """A single ASCII value of a string VR, decoded as pydicom would (a third of the
+        cost); None for anything else, which pydicom then converts."""
+        found = self._elements.get(tag)
+        if found is None:
+            return None
+        _, start, value_start, end = found
+        vr = _dictionary_vr(tag)
+        if not self._syntax.is_implicit_VR and value_start - start != 8 + 4 * (vr in _LONG):
+            return None  # not the dictionary's VR: leave it to pydicom
+        if not self._syntax.is_implicit_VR and self._buf[start + 4 : start + 6] != vr.encode():
+            return None
+        raw = self._buf[value_start:end]
+        if not raw.isascii() or b"\\" in raw or b"\x1b" in raw:
+            return None
+        strip = _STRIP.get(vr)
+        if strip is None or (vr == "IS" and not _INTEGER.fullmatch(raw.rstrip(b" \x00"))):
+            return None
+        return strip(raw.decode("ascii"))
 
     def items(self, keyword: str) -> list[Elements]:
         """The items of a sequence element; [] if it is absent or empty."""
@@ -147,6 +173,30 @@ class Elements:
 
 
 _UNDEFINED_FIELD = b"\xff\xff\xff\xff"
+_LONG = {"UC", "UR", "UT"}  # string VRs with a 4-byte length in explicit VR
+
+
+def _rstrip(value: str) -> str:
+    return value.rstrip("\x00 ")
+
+
+# How pydicom's converters (pydicom.values) pad-strip a single value of each string VR.
+_STRIP: dict[str, Callable[[str], str]] = {
+    **dict.fromkeys(("CS", "AS", "DT", "LO", "SH", "UC", "LT", "ST", "UT", "PN", "UI"), _rstrip),
+    "AE": str.strip,
+    "IS": _rstrip,  # integers only, below
+}
+if not config.datetime_conversion:  # else DA and TM values are not plain strings
+    _STRIP |= {"DA": _rstrip, "TM": _rstrip}
+_INTEGER = re.compile(rb" *[+-]?[0-9]{1,12}")
+
+
+@lru_cache(maxsize=256)
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
 
 
 @lru_cache(maxsize=256)
