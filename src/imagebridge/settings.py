@@ -116,6 +116,31 @@ class AuditRepository(BaseModel):
         return value
 
 
+class Notifications(BaseModel):
+    """Who is told when a transfer is delivered: e-mail through an SMTP server, and webhooks.
+
+    Keys of ``email_to`` and ``webhooks`` are receiving institutions' codes, or ``*`` for
+    every institution. Messages name the transfer and the institutions, never the patient.
+    """
+
+    smtp_host: str = Field("", description="SMTP server; empty sends no e-mail")
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_from: str = Field("imagebridge@localhost", description="The sender's address")
+    smtp_starttls: bool = Field(False, description="Upgrade the connection with STARTTLS")
+    smtp_username: str = Field("", description="Log in to the SMTP server as this user")
+    smtp_password: str = Field("", description="Its password (better: from the environment)")
+    email_to: dict[str, list[str]] = Field(
+        default_factory=dict, description="Institution code (or *) -> addresses to tell"
+    )
+    webhooks: dict[str, str] = Field(
+        default_factory=dict, description="Institution code (or *) -> URL to POST JSON to"
+    )
+    webhook_secret: str = Field(
+        "", description="Signs each webhook body (HMAC-SHA256, X-ImageBridge-Signature)"
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for a server")
+
+
 class HubSettings(_TomlSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_HUB_", env_nested_delimiter="__")
 
@@ -140,6 +165,7 @@ class HubSettings(_TomlSettings):
     )
     audit_repository: AuditRepository = Field(default_factory=lambda: AuditRepository())
     accounts: AccountPolicy = Field(default_factory=lambda: AccountPolicy())
+    notifications: Notifications = Field(default_factory=lambda: Notifications())
 
     @property
     def resolved_database_url(self) -> str:

@@ -22,10 +22,14 @@ from imagebridge.agreements.routes import router as agreements_router
 from imagebridge.audit.routes import router as audit_router
 from imagebridge.audit.services import record
 from imagebridge.dicomweb.routes import router as dicomweb_router
+from imagebridge.hub.auth import PageRefused
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
+from imagebridge.notifications.dispatch import install as install_notifications
 from imagebridge.patients.routes import router as patients_router
+from imagebridge.portal.routes import refusal_page
+from imagebridge.portal.routes import router as portal_router
 from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
@@ -34,7 +38,10 @@ def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hub.notifier.bind(asyncio.get_running_loop())
+        notices = install_notifications(hub)
         yield
+        if notices is not None:
+            notices.stop()
         hub.engine.dispose()
 
     app = FastAPI(
@@ -56,6 +63,11 @@ def create_app(hub: Hub) -> FastAPI:
         await run_in_threadpool(_audit_refusal, hub, request, 422, reason)
         return await request_validation_exception_handler(request, exc)
 
+    @app.exception_handler(PageRefused)
+    async def page_refused(request: Request, exc: PageRefused) -> Response:
+        await run_in_threadpool(_audit_refusal, hub, request, exc.status_code, str(exc.detail))
+        return refusal_page(request, exc)
+
     for router in (
         gateway_router,
         accounts_router,
@@ -66,6 +78,7 @@ def create_app(hub: Hub) -> FastAPI:
         audit_router,
         dicomweb_router,
         patients_router,
+        portal_router,
     ):
         app.include_router(router)
     return app

@@ -179,6 +179,34 @@ def require(*permissions: Permission) -> Check:
     return check
 
 
+class PageRefused(HTTPException):
+    """A portal page's check said no: a browser without a session is sent to log in (401),
+    one without the permission is shown why (403)."""
+
+
+def require_page(*permissions: Permission) -> Check:
+    """The page variant of `require`: the same check, answered for a person at a browser.
+    A script's bearer token is refused as the API refuses it."""
+    api_check = require(*permissions)
+
+    def check(request: Request, credentials: Credentials) -> Actor:
+        try:
+            return api_check(request, credentials)
+        except PageRefused:
+            raise
+        except HTTPException as exc:
+            if exc.status_code == 401 and credentials is None:
+                raise PageRefused(401, exc.detail) from exc
+            if exc.status_code == 403 and str(exc.detail).startswith("this needs"):
+                raise PageRefused(403, exc.detail) from exc
+            raise
+
+    wanted: frozenset[str] = api_check.permissions  # type: ignore[attr-defined]
+    check.__name__ = "page_" + api_check.__name__
+    check.permissions = wanted  # type: ignore[attr-defined]
+    return check
+
+
 def require_gateway(request: Request, credentials: Credentials) -> Actor:
     """A gateway, identified by its own token; acts for its institution only."""
     if credentials is None:
