@@ -7,6 +7,7 @@ from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution, TrustedNetwork
 from imagebridge.patients.models import IdentityFlag, PatientIdentifier, Person
+from imagebridge.queries.models import GatewayTask
 from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
@@ -20,6 +21,7 @@ __all__ = [
     "Blob",
     "DiscoveryRule",
     "Gateway",
+    "GatewayTask",
     "IdentityFlag",
     "Instance",
     "Institution",

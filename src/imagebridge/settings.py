@@ -156,6 +156,9 @@ class HubSettings(_TomlSettings):
         "", description="Network administrator API token; default: generated into data_dir"
     )
     inbox_wait_seconds: float = Field(20.0, description="Longest a gateway's inbox poll waits")
+    query_wait_seconds: float = Field(
+        5.0, gt=0, description="Longest a network query waits for the gateways' answers"
+    )
     tls_cert: Path | None = Field(None, description="Server certificate (PEM): HTTPS when set")
     tls_key: Path | None = Field(None, description="The server certificate's private key")
     tls_client_ca: Path | None = Field(None, description="CA that gateway certificates chain to")
@@ -192,10 +195,35 @@ class CallingNode(BaseModel):
 
     ae_title: str
     host: str | None = Field(None, description="If set, only from this address")
-    permissions: list[Literal["echo", "store"]] = Field(
+    permissions: list[Literal["echo", "store", "find", "move", "get"]] = Field(
         ["echo", "store"],
-        description="DICOM actions this node may take: echo (C-ECHO), store (C-STORE)",
+        description="DICOM actions this node may take: echo (C-ECHO), store (C-STORE), "
+        "find (C-FIND), move (C-MOVE), get (C-GET)",
     )
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class MoveDestination(BaseModel):
+    """A DICOM node that C-MOVE may send to, named by its AE title in the request."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class PacsQueryRetrieve(BaseModel):
+    """The local PACS as query/retrieve provider: queried and fetched from for the hub."""
+
+    ae_title: str
+    host: str
+    port: int
+    retrieve: Literal["get", "move"] = Field(
+        "get", description="How studies are fetched: C-GET, or C-MOVE to the gateway's own AE"
+    )
+    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for a PACS response")
 
     _check_ae = field_validator("ae_title")(_ae_title)
 
@@ -252,6 +280,15 @@ class GatewaySettings(_TomlSettings):
         default_factory=list, description="Local nodes allowed to send; empty refuses all"
     )
     pacs: list[PacsNode] = Field(default_factory=list, description="Where inbound studies go")
+    pacs_qr: PacsQueryRetrieve | None = Field(
+        None, description="The local PACS as query/retrieve provider, for the hub's tasks"
+    )
+    move_destinations: list[MoveDestination] = Field(
+        default_factory=list, description="Where C-MOVE may send, by AE title"
+    )
+    retrieve_wait_seconds: float = Field(
+        300.0, gt=0, description="Longest a retrieve waits for another institution's PACS"
+    )
     reconciliation: Reconciliation = Field(default_factory=Reconciliation)
     max_pdu: int = Field(1_048_576, description="Largest PDU the SCP accepts")
     routes_refresh_seconds: float = Field(

@@ -33,6 +33,10 @@ IDLE_RECONNECT_SECONDS = 30.0
 class HubError(RuntimeError):
     """The hub refused a request (4xx): retrying the same request will not help."""
 
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class HubUnavailable(RuntimeError):
     """The hub could not be reached or failed (network, 5xx): try again later."""
@@ -117,8 +121,42 @@ class HubClient:
         released: int = result["released"]
         return released
 
-    def download(self, digests: list[str], folder: Path) -> dict[str, Path]:
+    def find(self, query: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A network query for this institution: the hub's index and the discoverable PACS."""
+        result: dict[str, Any] = self._call(
+            "POST", "/api/v1/gateway/find", json=query, timeout=timeout
+        )
+        return result
+
+    def retrieve(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The instances a retrieve sends, or the fetch started for them."""
+        result: dict[str, Any] = self._call(
+            "POST", "/api/v1/gateway/retrieve", json=request, timeout=timeout
+        )
+        return result
+
+    def fetch_state(self, task_id: str, wait: float) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "GET", f"/api/v1/gateway/fetches/{task_id}", params={"wait": wait}, timeout=wait + 30
+        )
+        return result
+
+    def next_task(self, kind: str, wait: float) -> dict[str, Any] | None:
+        """Lease the next task of this kind (find, fetch) for this gateway's PACS."""
+        result = self._call(
+            "GET", "/api/v1/gateway/tasks", params={"kind": kind, "wait": wait}, timeout=wait + 30
+        )
+        task: dict[str, Any] | None = result["task"]
+        return task
+
+    def task_result(self, task_id: str, answer: dict[str, Any]) -> None:
+        self._call("POST", f"/api/v1/gateway/tasks/{task_id}/result", json=answer)
+
+    def download(
+        self, digests: list[str], folder: Path, route: str = "/api/v1/gateway/blobs"
+    ) -> dict[str, Path]:
         """Fetch blobs into folder (named by digest), checking each digest on arrival.
+        ``route`` names what they are for: delivery (the default) or a retrieve.
 
         The bulk of a study comes this way, so it reads with http.client straight into a
         reused buffer: a fraction of the CPU of a general-purpose client for the same bytes.
@@ -130,7 +168,7 @@ class HubClient:
         try:
             conn.request(
                 "POST",
-                self._base.path.rstrip("/") + "/api/v1/gateway/blobs",
+                self._base.path.rstrip("/") + route,
                 body=json.dumps({"sha256": digests}),
                 headers={**self._auth, "Content-Type": "application/json"},
             )
@@ -252,7 +290,7 @@ def _raise_for(status: int, text: str) -> None:
     # to fix them, rather than setting the studies aside as refused.
     if status >= 500 or status in (401, 429):
         raise HubUnavailable(message)
-    raise HubError(message)
+    raise HubError(message, status)
 
 
 class _BlobSink:

@@ -21,6 +21,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from imagebridge.dicom.net import set_nodelay, storage_scp_ae
 from imagebridge.dicom.part10 import BadDataset, read_header
 from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.pacs_scu import MoveInbox
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.spool import Spool, SpoolFull
 from imagebridge.pki.tls import dicom_scp_context, handshake
@@ -63,12 +64,21 @@ def _status(code: int, comment: str) -> Dataset:
 
 class StorageSCP:
     def __init__(
-        self, settings: GatewaySettings, spool: Spool, routing: RoutingTable, journal: Journal
+        self,
+        settings: GatewaySettings,
+        spool: Spool,
+        routing: RoutingTable,
+        journal: Journal,
+        fetches: MoveInbox | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.routing = routing
         self.journal = journal
+        # C-STOREs from the PACS answering a C-MOVE this gateway started.
+        self.fetches = fetches or MoveInbox()
+        # Handlers of further services on the same AE (query/retrieve), added before start.
+        self.services: list[evt.EventHandlerType] = []
         self.ae = storage_scp_ae(settings.ae_title, settings.max_pdu)
         # Any called AE title may arrive: each names a destination, checked on request.
         self.ae.require_called_aet = False
@@ -87,6 +97,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
+            *self.services,
         ]
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.port),
@@ -102,6 +113,10 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def caller(self, assoc: Association) -> _AssociationState | None:
+        """The calling node of an accepted association, with its permissions."""
+        return self._states.get(id(assoc))
 
     def _on_open(self, event: evt.Event) -> None:
         if event.assoc.dul.socket is None or event.assoc.dul.socket.socket is None:
@@ -188,6 +203,11 @@ class StorageSCP:
         state = self._states.get(id(event.assoc))
         if state is None:
             return _status(CANNOT_UNDERSTAND, "association not accepted")
+        if state.called_ae_title == self.settings.ae_title and self.fetches.expects(
+            state.calling_ae_title
+        ):
+            # Not a send to route: the PACS answering a fetch this gateway asked for.
+            return self.fetches.c_store(state.calling_ae_title, event)
         if "store" not in state.permissions:
             return self._refuse(state, NOT_AUTHORIZED, "C-STORE not permitted", "", "")
         route = self.routing.lookup(state.called_ae_title)

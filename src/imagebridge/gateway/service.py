@@ -1,4 +1,5 @@
-"""A gateway process: the DICOM SCP, the uploader and the deliverer, around one spool."""
+"""A gateway process: the DICOM SCP, the uploader and the deliverer, around one spool; the
+query/retrieve SCP and the worker for the hub's tasks beside them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import threading
 from imagebridge.gateway.delivery import Deliverer
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.pacs_scu import MoveInbox
+from imagebridge.gateway.patient_index import IndexedMrnLookup
+from imagebridge.gateway.qrscp import QueryRetrieveSCP
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.gateway.scp import StorageSCP
 from imagebridge.gateway.spool import Spool
+from imagebridge.gateway.tasks import TaskWorker
 from imagebridge.gateway.uploader import Uploader
 from imagebridge.pki.tls import hub_client_context
 from imagebridge.settings import GatewaySettings
@@ -31,7 +36,8 @@ class Gateway:
         self.routing = RoutingTable(settings.data_dir / "routes.json")
         tls = hub_client_context(settings)
         self.hub = HubClient(settings.hub_url, settings.token, tls=tls)
-        self.scp = StorageSCP(settings, self.spool, self.routing, self.journal)
+        fetches = MoveInbox()
+        self.scp = StorageSCP(settings, self.spool, self.routing, self.journal, fetches)
         self.uploader = Uploader(settings, self.spool, self.hub, self.journal)
         self.deliverer = Deliverer(
             settings,
@@ -39,6 +45,18 @@ class Gateway:
             self.routing,
             self.journal,
         )
+
+        # Query/retrieve: each operation opens its own client (their bulk downloads must not
+        # share a connection); patient identity is looked up as delivery does.
+        def client() -> HubClient:
+            return HubClient(settings.hub_url, settings.token, tls=tls)
+
+        lookup = IndexedMrnLookup(client(), settings.reconciliation.mrn_map)
+        self.qr = QueryRetrieveSCP(
+            settings, client, self.routing, self.journal, self.scp.caller, lookup
+        )
+        self.scp.services += self.qr.attach(self.scp.ae)
+        self.tasks = TaskWorker(settings, client, self.journal, fetches, lookup)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="routes", daemon=True)
         self.port = 0
@@ -56,6 +74,7 @@ class Gateway:
         self.port = self.scp.start()
         self.uploader.start()
         self.deliverer.start()
+        self.tasks.start()
         self._refresher.start()
         log.info(
             "gateway %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port
@@ -72,4 +91,6 @@ class Gateway:
         self.scp.stop()
         self.uploader.stop()
         self.deliverer.stop()
+        self.tasks.stop()
+        self.qr.stop()
         self.hub.close()

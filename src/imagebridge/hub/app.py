@@ -30,6 +30,7 @@ from imagebridge.notifications.dispatch import install as install_notifications
 from imagebridge.patients.routes import router as patients_router
 from imagebridge.portal.routes import refusal_page
 from imagebridge.portal.routes import router as portal_router
+from imagebridge.queries.routes import router as queries_router
 from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
@@ -76,6 +77,7 @@ def create_app(hub: Hub) -> FastAPI:
         transfers_router,
         shares_router,
         audit_router,
+        queries_router,
         dicomweb_router,
         patients_router,
         portal_router,
