@@ -28,7 +28,14 @@ from imagebridge.hub.auth import (
 
 # FastAPI's own documentation routes: open to anyone by choice, and nothing else is.
 DOCUMENTATION_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-PUBLIC_ROUTES = {("GET", "/api/v1/health"), ("POST", "/api/v1/auth/login")}
+PUBLIC_ROUTES = {
+    ("GET", "/api/v1/health"),
+    ("POST", "/api/v1/auth/login"),
+    # The portal's way in: its login page, its style and scripts, and / sending there.
+    ("GET", "/"),
+    ("GET", "/portal/login"),
+    ("GET", "/portal/static/{name}"),
+}
 BAD_CREDENTIALS = {
     "no token": {},
     "empty bearer": {"Authorization": "Bearer "},
@@ -52,6 +59,10 @@ EXPECTED = {
     ("GET", "/dicomweb/studies"): {"view_studies", "query_network"},
     ("GET", "/dicomweb/studies/{study}"): {"view_studies", "download"},
     ("POST", "/dicomweb/studies"): {"send_studies"},
+    ("GET", "/portal/send"): {"send_studies"},
+    ("GET", "/portal/audit"): {"read_audit"},
+    ("POST", "/portal/audit/export"): {"read_audit"},
+    ("GET", "/portal/admin/users"): {"admin_institution", "admin_network"},
 }
 
 
@@ -137,6 +148,9 @@ def _url(path: str) -> str:
         ("{session_id}", "999999"),
         ("{patient_id}", "999999"),
         ("{flag_id}", "999999"),
+        ("{study_id}", "999999"),
+        ("{report_id}", "999999"),
+        ("{task_id}", "no-such-task"),
     ):
         path = path.replace(name, value)
     assert "{" not in path, f"give the test a value for {path}"
@@ -150,10 +164,20 @@ def _call(
     return client.request(method, _url(path), headers=headers or {}, **body)
 
 
+def _is_page(check: Callable[..., Any]) -> bool:
+    return check.__name__.startswith("page_")
+
+
+def _sent_to_login(r: httpx.Response) -> bool:
+    return r.status_code == 303 and r.headers["location"].startswith("/portal/login?next=/portal")
+
+
 def _refused_by_check(r: httpx.Response) -> bool:
     """Refused by the route's authorization check, not by what the route found afterwards."""
-    if r.status_code == 401:
+    if r.status_code == 401 or _sent_to_login(r):
         return True
+    if r.status_code == 403 and r.headers["content-type"].startswith("text/html"):
+        return "this needs the permission" in r.text  # a portal page saying why not
     detail = r.json().get("detail", "") if r.status_code == 403 else ""
     return isinstance(detail, str) and detail.startswith(
         ("this needs the permission", "for gateways only", "for people's accounts only")
@@ -227,7 +251,11 @@ def test_routes_refuse_missing_or_bad_credentials(
         if check is public:
             continue
         r = _call(net.client(), method, path, headers)
-        if r.status_code not in (401, 403):
+        if _is_page(check) and r.status_code != 401:
+            # A browser without a session is sent to the login page, and back afterwards.
+            if not _sent_to_login(r) or not r.headers["location"].endswith(_url(path)):
+                wrong.append(f"{method} {path}: {r.status_code}, not sent to log in")
+        elif r.status_code not in (401, 403):
             wrong.append(f"{method} {path}: {r.status_code} {r.text[:100]}")
         elif r.status_code == 401:
             assert r.headers.get("WWW-Authenticate") == "Bearer", (method, path)
@@ -296,3 +324,29 @@ def test_a_revoked_gateway_token_is_refused(net: InProcessHub, tmp_path: Path) -
     net.admin("POST", f"/api/v1/gateways/{issued.json()['id']}/revoke")
     assert client.get("/api/v1/gateway/config", headers=gw).status_code == 401
     assert client.get("/api/v1/transfers", headers=gw).status_code == 401
+
+
+def test_portal_pages_send_browsers_to_log_in_and_say_why_not(
+    net: InProcessHub,
+    checks: dict[tuple[str, str], Callable[..., Any]],
+    people: dict[str, Person],
+) -> None:
+    """The page variant of the check: the walk above covers every page; here is what a
+    person sees. No session: the login page, then back. A session without the permission:
+    a page saying which permission it needs, with only the pages they may use offered."""
+    pages = sorted((method, path) for (method, path), check in checks.items() if _is_page(check))
+    assert len(pages) >= 10 and {method for method, _ in pages} == {"GET"}, pages
+    r = net.client().get("/portal/audit")
+    assert r.status_code == 303 and r.headers["location"] == "/portal/login?next=/portal/audit"
+    assert net.client().get("/portal/login").status_code == 200
+    clerk = people["clerk"]
+    r = clerk.get("/portal/audit")
+    assert r.status_code == 403 and r.headers["content-type"].startswith("text/html")
+    assert "this needs the permission read_audit" in r.text
+    assert 'href="/portal/audit"' not in r.text and 'href="/portal/send"' in r.text
+    assert clerk.get("/portal/send").status_code == 200
+    # What the pages' scripts fetch is checked as the API checks: 401 or 403 in JSON.
+    r = net.client().post("/portal/transfers/rows", json={})
+    assert r.status_code == 401 and r.json()["detail"] == "authentication required"
+    r = clerk.post("/portal/audit/events", json={})
+    assert r.status_code == 403 and r.json()["detail"].startswith("this needs the permission")

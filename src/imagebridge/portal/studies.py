@@ -258,7 +258,7 @@ def public_match(match: dict[str, Any]) -> dict[str, Any]:
 
 
 def institution_codes(session: Session) -> list[tuple[int, str]]:
-    return list(session.execute(select(Institution.id, Institution.code)).tuples())
+    return [(i, c) for i, c in session.execute(select(Institution.id, Institution.code))]
 
 
 def institution_name(session: Session, institution_id: int | None) -> str:

@@ -81,7 +81,9 @@ def _patient_condition(term: str) -> Any:
 
 def rows(session: Session, actor: Actor, f: Filters, now: datetime) -> list[Row]:
     """The actor's institution's transfers in one box, urgent first, then newest."""
-    codes = dict(session.execute(select(Institution.id, Institution.code)).tuples().all())
+    codes: dict[int, str] = {
+        i: c for i, c in session.execute(select(Institution.id, Institution.code))
+    }
     query = select(Transfer)
     mine, other = (
         (Transfer.receiver_institution_id, Transfer.sender_institution_id)
