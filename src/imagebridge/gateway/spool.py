@@ -6,9 +6,11 @@ Layout under ``<data_dir>/spool``::
     out/<local id>/meta.json   one folder per outbound transfer (destination, priority, study)
     out/<local id>/<sha>.dcm   instances not yet confirmed by the hub, named by SHA-256
     refused/<sha>.dcm + .json  instances the hub refused, kept for a human, with the reason
+    free/                      files of uploaded instances, kept to be written over
 
-A file is only ever renamed into ``out/`` after it and its folder entry are fsync'd, so an
-acknowledged instance survives a crash, and a crash never leaves a partial one in ``out/``.
+An instance is acknowledged only once its file and folder entry are fsync'd, so it survives
+a crash; a file cut short by one (never acknowledged) no longer hashes to its name, and is
+removed when the spool is recovered.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,23 +88,34 @@ def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     fsync_path(path.parent)
 
 
-def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
+def _write_instance(final: Path, meta: bytes, dataset: bytes, reuse: Path | None) -> None:
     """Write straight to the final name, then fsync: one journal commit, not two.
 
-    The name is the content's SHA-256, so a file cut short by a crash before its fsync
-    (and so never acknowledged) is recognised and removed when the spool is recovered.
+    ``reuse``, a spent spool file, is renamed to the final name and written over: a new
+    file costs the filesystem several times more than rewriting an old one's blocks. The
+    name is the content's SHA-256, so a file cut short by a crash before its fsync (and so
+    never acknowledged) is recognised and removed when the spool is recovered.
     """
+    if reuse is not None:  # the caller holds the name, and nothing is under it yet
+        os.rename(reuse, final)
+        fd = os.open(final, os.O_WRONLY)
+    else:
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            # The same instance again: make sure the copy we already hold is durable.
+            fsync_path(final)
+            return
     try:
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        # The same instance again: make sure the copy we already hold is durable.
-        fsync_path(final)
-        return
-    try:
-        view = memoryview(meta + dataset) if len(dataset) < (1 << 20) else None
-        for part in [view] if view is not None else [memoryview(meta), memoryview(dataset)]:
-            while part:
-                part = part[os.write(fd, part) :]
+        parts = [memoryview(meta), memoryview(dataset)]
+        while parts:  # one system call, unless the kernel takes only part
+            written = os.writev(fd, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts.pop(0))
+            if parts:
+                parts[0] = parts[0][written:]
+        if reuse is not None:
+            os.ftruncate(fd, len(meta) + len(dataset))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -112,15 +125,34 @@ def _write_instance(final: Path, meta: bytes, dataset: bytes) -> None:
     fsync_path(final.parent)
 
 
+# Spent files kept for reuse: enough for the instances in flight to the hub, bounded in
+# disk space; a large file is not kept (writing a small one over it frees most blocks).
+REUSE_FILES = 256
+REUSE_BYTES = 64 * 1024**2
+REUSE_FILE_BYTES = 4 * 1024**2
+# Free space is checked this often, and meanwhile counted down by what is written.
+SPACE_CHECK_SECONDS = 1.0
+
+
+def _disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 class Spool:
-    def __init__(self, root: Path, min_free_bytes: int) -> None:
+    def __init__(
+        self, root: Path, min_free_bytes: int, disk_free: Callable[[Path], int] = _disk_free
+    ) -> None:
         self.root = root
         self.tmp = root / "tmp"
         self.out = root / "out"
         self.refused = root / "refused"
-        for d in (self.tmp, self.out, self.refused):
+        self.free = root / "free"
+        for d in (self.tmp, self.out, self.refused, self.free):
             d.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
+        self._disk_free = disk_free
+        self._reusable = {p: p.stat().st_size for p in self.free.iterdir()}
+        self._space: tuple[float, int] = (-SPACE_CHECK_SECONDS, 0)  # (checked at, free)
         self.changed = threading.Condition()
         self._transfers: dict[str, Outbound] = {}
         self._open: dict[tuple[str, str, str, str], str] = {}
@@ -156,9 +188,45 @@ class Spool:
     def _key(t: Outbound) -> tuple[str, str, str, str]:
         return (t.destination, t.priority, t.study_instance_uid, t.calling_ae_title)
 
-    def check_space(self) -> None:
-        if shutil.disk_usage(self.root).free < self.min_free_bytes:
-            raise SpoolFull("spool disk nearly full")
+    def check_space(self, incoming: int = 0) -> None:
+        """Refuse what would leave less than ``min_free_bytes`` free; the disk is asked at
+        most every SPACE_CHECK_SECONDS, what was accepted since counted in between."""
+        with self.changed:
+            checked_at, free = self._space
+            now = time.monotonic()
+            if now - checked_at >= SPACE_CHECK_SECONDS or free - incoming < self.min_free_bytes:
+                checked_at, free = now, self._disk_free(self.root)
+            if free - incoming < self.min_free_bytes:
+                self._space = (checked_at, free)
+                raise SpoolFull("spool disk nearly full")
+            self._space = (checked_at, free - incoming)
+
+    def _take_reusable(self) -> Path | None:
+        with self.changed:
+            if not self._reusable:
+                return None
+            path = next(iter(self._reusable))
+            del self._reusable[path]
+            return path
+
+    def _spent(self, path: Path) -> None:
+        """An uploaded instance's file: kept for reuse while there is room, else removed."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        with self.changed:
+            keep = (
+                size <= REUSE_FILE_BYTES
+                and len(self._reusable) < REUSE_FILES
+                and sum(self._reusable.values()) + size <= REUSE_BYTES
+            )
+            if keep:
+                spare = self.free / uuid.uuid4().hex
+                os.rename(path, spare)
+                self._reusable[spare] = size
+                return
+        path.unlink(missing_ok=True)
 
     def accept(
         self,
@@ -178,8 +246,8 @@ class Spool:
         ``association`` is the set of transfers the calling association has touched; a
         transfer stays open while any association that touched it is open.
         """
-        self.check_space()
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        self.check_space(len(meta) + len(dataset))
         sha = hashlib.sha256(meta)
         sha.update(dataset)
         digest = sha.hexdigest()
@@ -188,7 +256,8 @@ class Spool:
         )
         final = self.out / t.local_id / f"{digest}.dcm"
         with self._writing(final):
-            _write_instance(final, meta, dataset)
+            reuse = None if final.exists() else self._take_reusable()
+            _write_instance(final, meta, dataset, reuse)
         with self.changed:
             t.pending[digest] = final
             t.last_instance_at = time.monotonic()
@@ -285,11 +354,10 @@ class Spool:
     def uploaded(self, t: Outbound, shas: list[str]) -> None:
         """The hub has these durably: the spool copy can go."""
         with self.changed:
-            for sha in shas:
-                path = t.pending.pop(sha, None)
-                t.in_flight.discard(sha)
-                if path is not None:
-                    path.unlink(missing_ok=True)
+            spent = [p for sha in shas if (p := t.pending.pop(sha, None)) is not None]
+            t.in_flight.difference_update(shas)
+        for path in spent:
+            self._spent(path)
 
     def refuse(self, t: Outbound, sha: str, reason: str) -> None:
         """Keep a refused instance aside with its reason; it is not sent again."""
