@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -57,25 +58,36 @@ def _vr(tag: int) -> str:
 
 
 def value_element(vr: str, value: Any) -> dict[str, Any]:
-    values = value if isinstance(value, list | tuple) else [value]
-    values = [v for v in values if v not in ("", None)]
+    if isinstance(value, list | tuple):
+        values = [v for v in value if v not in ("", None)]
+    elif value in ("", None):
+        return {"vr": vr}
+    else:
+        values = [value]
     if not values:
         return {"vr": vr}
     if vr == "PN":
         return {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
     if vr in _INTEGER_VRS:
-        return {"vr": vr, "Value": [int(v) for v in values if str(v).strip().lstrip("-").isdigit()]}
+        numbers = [int(v) for v in values if str(v).strip().lstrip("-").isdigit()]
+        return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
     if vr in _DECIMAL_VRS:
         return {"vr": vr, "Value": [float(v) for v in values]}
     return {"vr": vr, "Value": [str(v) for v in values]}
+
+
+@lru_cache(maxsize=4096)
+def _key_and_vr(keyword: str) -> tuple[str, str]:
+    tag = tag_of(keyword)
+    return f"{tag:08X}", _vr(tag)
 
 
 def attributes(values: dict[str, Any]) -> dict[str, Any]:
     """Keyword -> value pairs as DICOM JSON attributes, in tag order."""
     out = {}
     for keyword, value in values.items():
-        tag = tag_of(keyword)
-        out[f"{tag:08X}"] = value_element(_vr(tag), value)
+        key, vr = _key_and_vr(keyword)
+        out[key] = value_element(vr, value)
     return dict(sorted(out.items()))
 
 

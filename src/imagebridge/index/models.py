@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, String, UniqueConstraint
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from imagebridge.db import Base, UTCDateTime, utcnow
@@ -16,7 +16,7 @@ class Patient(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)
-    patient_id: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
     issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     birth_date: Mapped[str] = mapped_column(String(8), default="")
@@ -25,9 +25,17 @@ class Patient(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+# Person names match case-insensitively; a name prefix is a range on this index.
+Index("ix_patients_patient_name_lower", func.lower(Patient.patient_name))
+
+
 class Study(Base):
     __tablename__ = "studies"
-    __table_args__ = (UniqueConstraint("institution_id", "study_instance_uid"),)
+    __table_args__ = (
+        UniqueConstraint("institution_id", "study_instance_uid"),
+        # Date ranges, and newest-first listings.
+        Index("ix_studies_study_date_study_time", "study_date", "study_time"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"), index=True)

@@ -95,7 +95,16 @@ def match(key: Key, value: str) -> ColumnElement[bool] | None:
     if key.vr == "PN":
         lowered = func.lower(column)
         if "*" in value or "?" in value:
-            return lowered.like(_like(value.lower()), escape="\\")
+            pattern = value.lower()
+            condition: ColumnElement[bool] = lowered.like(_like(pattern), escape="\\")
+            prefix = pattern[: min(i for i in (pattern.find("*"), pattern.find("?")) if i >= 0)]
+            if prefix.isascii() and prefix.isalnum() and prefix[-1] not in "z9":
+                # The same rows as a range too, which an index on lower(name) can serve
+                # (LIKE alone cannot use it). Letters and digits only, whose order is the
+                # same under any collation.
+                upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+                condition = and_(lowered >= prefix, lowered < upper, condition)
+            return condition
         return lowered == value.lower()
     if "*" in value or "?" in value:
         return column.like(_like(value), escape="\\")
@@ -260,25 +269,20 @@ def _add_study_counts(session: Session, items: list[dict[str, Any]]) -> None:
     ids = [i["_study_id"] for i in items]
     if not ids:
         return
-    series: dict[int, list[str]] = {}
-    for study_id, modality in session.execute(
-        select(Series.study_id, Series.modality).where(Series.study_id.in_(ids))
+    # One row per series: its study, modality and number of instances.
+    series: dict[int, list[tuple[str, int]]] = {}
+    for study_id, modality, count in session.execute(
+        select(Series.study_id, Series.modality, func.count(Instance.id))
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id.in_(ids))
+        .group_by(Series.id)
     ):
-        series.setdefault(study_id, []).append(modality)
-    instances: dict[int, int] = {
-        study_id: count
-        for study_id, count in session.execute(
-            select(Series.study_id, func.count(Instance.id))
-            .join(Instance, Instance.series_id == Series.id)
-            .where(Series.study_id.in_(ids))
-            .group_by(Series.study_id)
-        )
-    }
+        series.setdefault(study_id, []).append((modality, count))
     for item in items:
-        modalities = series.get(item["_study_id"], [])
-        item["NumberOfStudyRelatedSeries"] = len(modalities)
-        item["NumberOfStudyRelatedInstances"] = instances.get(item["_study_id"], 0)
-        item[MODALITIES_IN_STUDY] = sorted({m for m in modalities if m})
+        found = series.get(item["_study_id"], [])
+        item["NumberOfStudyRelatedSeries"] = len(found)
+        item["NumberOfStudyRelatedInstances"] = sum(count for _, count in found)
+        item[MODALITIES_IN_STUDY] = sorted({m for m, _ in found if m})
 
 
 def _add_series_counts(session: Session, items: list[dict[str, Any]]) -> None:
