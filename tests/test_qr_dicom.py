@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,12 +32,15 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from pydicom.dataset import FileDataset
+from pydicom.dataset import Dataset, FileDataset
+from pynetdicom import AE
 
 from conftest import audit_events, require_tool
 from imagebridge.demo.network import GatewayProcess, Network, free_port, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
+from imagebridge.dicom.net import NODELAY_HANDLERS
 from imagebridge.gateway.hubclient import HubClient
+from imagebridge.gateway.pacs_scu import STUDY_ROOT_FIND
 from orthanc import ORTHANC, Modality, Orthanc
 
 pytestmark = pytest.mark.peers
@@ -694,3 +698,61 @@ def test_users_refusals_on_their_pacs(qr: QR) -> None:
             "/api/v1/pacs/fetch", json={"study_instance_uids": ["1.2.3"], "receiver": "NOA"}
         )
         assert r.status_code == 403 and "agreement" in r.json()["detail"]
+
+
+def test_a_source_gateway_that_does_not_answer_is_waited_for_a_bounded_time(
+    qr: QR, tmp_path: Path
+) -> None:
+    """Last: it stops gateway NTH. The answer comes after the hub's wait, without NTH's PACS
+    (pacs_nth is found all the same: a retrieve above brought it into the hub)."""
+    qr.net.stop_gateway("NTH")
+    started = time.monotonic()
+    output, responses = _find(
+        qr, tmp_path, "QueryRetrieveLevel=STUDY", f"PatientID={MRN['RVH']}", "StudyInstanceUID"
+    )
+    elapsed = time.monotonic() - started
+    assert "Received Final Find Response (Success)" in output, output
+    assert 4.5 < elapsed < 30
+    assert {str(ds.StudyInstanceUID) for ds in responses} == _uids(
+        qr, "hub_seg", "pacs_seg", "pacs_nth", "own_rvh"
+    )
+    [event] = _events(
+        qr.net, "query:network:answered", lambda e: e["detail"]["unanswered"] == ["NTH"]
+    )
+    assert event["detail"]["from_pacs"] == {"SEG": 2}
+
+
+def test_c_cancel_ends_a_query_waiting_for_the_network(qr: QR) -> None:
+    """With NTH's gateway stopped the gateway waits for the network: a C-CANCEL then (from
+    pynetdicom: DCMTK cancels only after a response) ends the query with FE00 at once."""
+    ae = AE(ae_title=WORKSTATION)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate(
+        "127.0.0.1", qr.rvh.port, ae_title=qr.rvh.ae_title, evt_handlers=NODELAY_HANDLERS
+    )
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = NHS_NUMBER
+    query.IssuerOfPatientID = "NHS"
+    query.StudyInstanceUID = ""
+    answers: list[Any] = []
+    try:
+        finding = threading.Thread(
+            target=lambda: answers.extend(assoc.send_c_find(query, STUDY_ROOT_FIND, msg_id=7))
+        )
+        started = time.monotonic()
+        finding.start()
+        time.sleep(0.5)
+        assoc.send_c_cancel(7, query_model=STUDY_ROOT_FIND)
+        finding.join(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        assoc.release()
+    assert [status.Status for status, _ in answers] == [0xFE00]
+    assert elapsed < 3
+    assert _events(
+        qr.net,
+        "dicom:query:answered",
+        lambda e: e["detail"]["cancelled"] and e["detail"]["matches"] == 0,
+    )

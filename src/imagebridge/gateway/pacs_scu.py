@@ -133,14 +133,9 @@ def fetch_by_get(
         ae.add_requested_context(storage, ACCEPTED_TRANSFER_SYNTAXES)
     roles = [build_role(storage, scp_role=True) for storage in STORAGE_FOR_GET]
     inbox = _Folder(folder)
-    result = Fetched([])
     handlers = [(evt.EVT_C_STORE, inbox.on_store)]
     with _association(ae, node, ext_neg=roles, evt_handlers=handlers) as assoc:
-        for status, _ in assoc.send_c_get(identifier, sop_class):
-            code = _check(status, "C-GET")
-            if code not in PENDING:
-                _count(result, status)
-                break
+        result = _outcome(assoc.send_c_get(identifier, sop_class), "C-GET")
     result.files = inbox.files
     return result
 
@@ -157,21 +152,21 @@ def fetch_by_move(
     ae = _ae(calling_ae_title, node)
     sop_class = model("move", str(identifier.QueryRetrieveLevel))
     ae.add_requested_context(sop_class, UNCOMPRESSED)
-    result = Fetched([])
     with inbox.expect(node.ae_title, folder) as received, _association(ae, node) as assoc:
-        for status, _ in assoc.send_c_move(identifier, calling_ae_title, sop_class):
-            code = _check(status, "C-MOVE")
-            if code not in PENDING:
-                _count(result, status)
-                break
+        result = _outcome(assoc.send_c_move(identifier, calling_ae_title, sop_class), "C-MOVE")
     result.files = received.files
     return result
 
 
-def _count(result: Fetched, status: Dataset | None) -> None:
-    if status is not None:
-        result.failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-        result.warning = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+def _outcome(responses: Iterator[tuple[Dataset, Dataset | None]], service: str) -> Fetched:
+    """Reads a retrieve's responses to the final one, and its counts."""
+    result = Fetched([])
+    for status, _ in responses:
+        if _check(status, service) not in PENDING:
+            result.failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+            result.warning = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+            break
+    return result
 
 
 class _Folder:

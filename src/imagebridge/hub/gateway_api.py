@@ -126,6 +126,12 @@ def download(body: Digests, actor: GatewayActor, hub: HubDep) -> StreamingRespon
                 .where(mine, Report.blob_sha256.in_(wanted))
             )
         )
+    return framed_blobs(hub, wanted, allowed, "not addressed to this institution")
+
+
+def framed_blobs(hub: Hub, wanted: list[str], allowed: set[str], why: str) -> StreamingResponse:
+    """The wanted blobs as one framed stream; 404 if one is not allowed (``why``) or not held."""
+    with hub.sessions() as session:
         sizes: dict[str, int] = {
             sha: size
             for sha, size in session.execute(
@@ -134,7 +140,7 @@ def download(body: Digests, actor: GatewayActor, hub: HubDep) -> StreamingRespon
         }
     refused = [d for d in wanted if d not in allowed or d not in sizes]
     if refused:
-        raise HTTPException(404, f"{len(refused)} blob(s) not addressed to this institution")
+        raise HTTPException(404, f"{len(refused)} blob(s) {why}")
     # A known length spares both sides chunked transfer coding on hundreds of megabytes.
     length = sum(FRAME_HEADER_SIZE + sizes[d] for d in wanted)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -23,15 +22,13 @@ from imagebridge.actors import Actor
 from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, Sender, get_hub, require
-from imagebridge.hub.gateway_api import RECHECK_SECONDS, Digests
+from imagebridge.hub.gateway_api import RECHECK_SECONDS, Digests, framed_blobs
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import MAX_LIMIT, QueryError
 from imagebridge.institutions.models import Gateway, Institution
 from imagebridge.institutions.services import get_institution
 from imagebridge.queries import services
 from imagebridge.queries.models import FINISHED, GatewayTask, TaskKind, TaskStatus
-from imagebridge.storage.models import Blob
-from imagebridge.transfers.framing import CHUNK, FRAME_HEADER_SIZE, MEDIA_TYPE, frame_header
 from imagebridge.transfers.models import Transfer, TransferStatus
 
 router = APIRouter(prefix="/api/v1", tags=["query/retrieve"])
@@ -107,24 +104,28 @@ def _finished(hub: Hub, ids: list[str]) -> bool:
 def _ask(
     session: Session,
     hub: Hub,
-    sources: list[Institution],
-    kind: TaskKind,
+    institutions: list[Institution],
     request: dict[str, Any],
     actor: Actor,
-    requester: int,
-    seconds: float,
+    *,
+    kind: TaskKind = TaskKind.FIND,
+    requester: int | None = None,
+    seconds: float | None = None,
 ) -> list[str]:
+    """A task for each institution's gateway; by default a query for the actor's
+    institution, wanted for as long as a network query waits."""
     now = hub.clock()
+    expires = now + timedelta(seconds=seconds or hub.settings.query_wait_seconds)
     ids = []
-    for source in sources:
+    for institution in institutions:
         task = services.create_task(
             session,
-            institution_id=source.id,
+            institution_id=institution.id,
             kind=kind,
             request=request,
-            requester_institution_id=requester,
+            requester_institution_id=requester or actor.institution_id or institution.id,
             requested_by=f"{actor.kind}:{actor.name}",
-            expires_at=now + timedelta(seconds=seconds),
+            expires_at=expires,
         )
         ids.append(task.id)
     return ids
@@ -167,16 +168,7 @@ def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
             )
         else:
             request = {"level": body.level, "keys": matching, "limit": body.limit}
-            tasks = _ask(
-                session,
-                hub,
-                sources,
-                TaskKind.FIND,
-                request,
-                actor,
-                actor.institution_id,
-                hub.settings.query_wait_seconds,
-            )
+            tasks = _ask(session, hub, sources, request, actor)
     if refused is not None:
         raise _bad_query(refused)
     _nudge_after_commit(hub, [s.id for s in sources])
@@ -240,16 +232,7 @@ def _start_retrieve(hub: Hub, actor: Actor, body: RetrieveIn) -> dict[str, Any]:
             if not instances and sources:
                 # Not in the hub: which discoverable PACS holds it?
                 request = {"level": "STUDY", "keys": _study_keys(keys), "limit": 1}
-                tasks = _ask(
-                    session,
-                    hub,
-                    sources,
-                    TaskKind.FIND,
-                    request,
-                    actor,
-                    actor.institution_id,
-                    hub.settings.query_wait_seconds,
-                )
+                tasks = _ask(session, hub, sources, request, actor)
     if refused is not None:
         raise _bad_query(refused)
     _nudge_after_commit(hub, [s.id for s in sources] if tasks else [])
@@ -326,11 +309,10 @@ def _fetch_from_source(
             session,
             hub,
             [source],
-            TaskKind.FETCH,
             request,
             actor,
-            actor.institution_id,
-            services.FETCH_EXPIRY_SECONDS,
+            kind=TaskKind.FETCH,
+            seconds=services.FETCH_EXPIRY_SECONDS,
         )
         record(
             session,
@@ -412,27 +394,7 @@ def retrieve_blobs(body: Digests, actor: GatewayActor, hub: HubDep) -> Streaming
     with hub.sessions() as session:
         scope, _ = services.network_scope(session, actor.institution_id, {})
         allowed = services.blobs_in_scope(session, scope, wanted)
-        sizes: dict[str, int] = {
-            sha: size
-            for sha, size in session.execute(
-                select(Blob.sha256, Blob.size).where(Blob.sha256.in_(wanted))
-            )
-        }
-    refused = [d for d in wanted if d not in allowed or d not in sizes]
-    if refused:
-        raise HTTPException(404, f"{len(refused)} blob(s) not retrievable by this institution")
-    length = sum(FRAME_HEADER_SIZE + sizes[d] for d in wanted)
-
-    async def stream() -> AsyncIterator[bytes]:
-        for sha in wanted:
-            with hub.blobs.open(sha) as fh:
-                yield frame_header(sha, sizes[sha])
-                while chunk := fh.read(CHUNK):
-                    yield chunk
-
-    return StreamingResponse(
-        stream(), media_type=MEDIA_TYPE, headers={"Content-Length": str(length)}
-    )
+    return framed_blobs(hub, wanted, allowed, "not retrievable by this institution")
 
 
 # -- a gateway's tasks --------------------------------------------------------------------
@@ -564,16 +526,7 @@ def _start_pacs_find(hub: Hub, actor: Actor, body: PacsFindIn) -> tuple[int, str
         except QueryError as exc:
             raise _bad_query(exc) from exc
         request = {"level": body.level, "keys": matching, "limit": body.limit}
-        [task_id] = _ask(
-            session,
-            hub,
-            [home],
-            TaskKind.FIND,
-            request,
-            actor,
-            home.id,
-            hub.settings.query_wait_seconds,
-        )
+        [task_id] = _ask(session, hub, [home], request, actor, requester=home.id)
         home_id = home.id
     hub.notifier.nudge(home_id)
     return home_id, task_id, matching
@@ -640,11 +593,11 @@ def _start_pacs_fetch(hub: Hub, actor: Actor, body: PacsFetchIn) -> tuple[int, d
             session,
             hub,
             [home],
-            TaskKind.FETCH,
             request,
             actor,
-            home.id,
-            services.FETCH_EXPIRY_SECONDS,
+            kind=TaskKind.FETCH,
+            requester=home.id,
+            seconds=services.FETCH_EXPIRY_SECONDS,
         )
         for uid in uids:
             record(
