@@ -72,6 +72,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # The query planner needs statistics to pick the search indexes; this gathers them for
+    # tables that have none or changed much, cheaply (SQLite's advice for new connections).
+    cursor.execute("PRAGMA optimize=0x10002")
     cursor.close()
 
 
