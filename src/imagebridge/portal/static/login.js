@@ -52,7 +52,9 @@ document.addEventListener("DOMContentLoaded", () => {
 
   async function enrol() {
     const data = await call("/api/v1/auth/totp/enrol");
-    $("qr").src = "data:image/svg+xml;base64," + btoa(data.qr_svg);
+    // Shown as an image, never as markup: an SVG image needs its namespace.
+    const svg = data.qr_svg.includes("xmlns=") ? data.qr_svg : data.qr_svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ');
+    $("qr").src = "data:image/svg+xml;base64," + btoa(svg);
     $("secret").textContent = data.secret;
     show("enrol-step");
   }
