@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -446,43 +446,53 @@ def _check_fetch_transfer(session: Session, task: GatewayTask, transfer_id: str)
 def gateway_task_result(
     task_id: str, body: TaskResultIn, actor: GatewayActor, hub: HubDep
 ) -> dict[str, Any]:
-    """The gateway's answer to a task: the matches of a query, or the transfer of a fetch."""
+    """The gateway's answer to a task: the matches of a query, or the transfer of a fetch.
+    An answer after the task expired is refused: nobody waits for it any more."""
     with hub.sessions() as session, session.begin():
         task = session.get(GatewayTask, task_id)
         if task is None or task.institution_id != actor.institution_id:
             raise HTTPException(404, NOT_YOURS)
-        if task.status in FINISHED:
-            raise HTTPException(409, f"the task is {task.status}: its answer is not wanted")
-        if body.status == "done" and task.kind == TaskKind.FETCH:
-            _check_fetch_transfer(session, task, body.transfer_id)
-        result: dict[str, Any] = (
-            {"matches": body.matches}
-            if task.kind == TaskKind.FIND
-            else {"instances": body.instances}
-        )
-        status = TaskStatus.done if body.status == "done" else TaskStatus.failed
-        services.finish_task(
-            task,
-            status,
-            hub.clock(),
-            result=result,
-            error=body.error,
-            transfer_id=body.transfer_id if task.kind == TaskKind.FETCH else "",
-        )
-        if task.kind == TaskKind.FETCH:
-            record(
-                session,
-                f"retrieve:fetch:{'completed' if status == TaskStatus.done else 'failed'}",
-                "success" if status == TaskStatus.done else "failure",
-                institution_id=actor.institution_id,
-                transfer_ref=body.transfer_id,
-                study_ref=str(task.request.get("keys", {}).get("StudyInstanceUID", ""))[:64],
-                detail={"task": task.id, "instances": body.instances, "error": body.error},
-                **actor.audit(),
-            )
+        now = hub.clock()
+        if task.status not in FINISHED and task.expires_at <= now:
+            services.finish_task(task, TaskStatus.expired, now, error="answered too late")
+        late = task.status if task.status in FINISHED else None
+        if late is None:
+            status = _finish(session, task, body, actor, now)
         requester = task.requester_institution_id
+    if late is not None:
+        raise HTTPException(409, f"the task is {late}: its answer is not wanted")
     hub.notifier.nudge(requester)
     return {"id": task_id, "status": status}
+
+
+def _finish(
+    session: Session, task: GatewayTask, body: TaskResultIn, actor: Actor, now: datetime
+) -> TaskStatus:
+    if body.status == "done" and task.kind == TaskKind.FETCH:
+        _check_fetch_transfer(session, task, body.transfer_id)
+    fetch = task.kind == TaskKind.FETCH
+    status = TaskStatus.done if body.status == "done" else TaskStatus.failed
+    services.finish_task(
+        task,
+        status,
+        now,
+        result={"instances": body.instances} if fetch else {"matches": body.matches},
+        error=body.error,
+        transfer_id=body.transfer_id if fetch else "",
+    )
+    if fetch:
+        done = status == TaskStatus.done
+        record(
+            session,
+            f"retrieve:fetch:{'completed' if done else 'failed'}",
+            "success" if done else "failure",
+            institution_id=actor.institution_id,
+            transfer_ref=body.transfer_id,
+            study_ref=str(task.request.get("keys", {}).get("StudyInstanceUID", ""))[:64],
+            detail={"task": task.id, "instances": body.instances, "error": body.error},
+            **actor.audit(),
+        )
+    return status
 
 
 # -- an institution's users and their own PACS --------------------------------------------
