@@ -652,7 +652,6 @@ def _log_in(net: Network, code: str, username: str, role: str) -> Iterator[httpx
 
 
 def test_users_query_their_pacs_and_send_from_it(qr: QR) -> None:
-    study = qr.studies["hub_seg"]
     with _log_in(qr.net, "SEG", "seg.radiographer", "radiographer") as user:
         r = user.post(
             "/api/v1/pacs/find",
@@ -665,7 +664,7 @@ def test_users_query_their_pacs_and_send_from_it(qr: QR) -> None:
         r = user.post(
             "/api/v1/pacs/fetch",
             json={
-                "study_instance_uids": [study.study_instance_uid],
+                "study_instance_uids": sorted(found),
                 "receiver": "NTH",
                 "priority": "urgent",
                 "reason": "clinic tomorrow",
@@ -681,7 +680,7 @@ def test_users_query_their_pacs_and_send_from_it(qr: QR) -> None:
         transfer = user.get(f"/api/v1/transfers/{state['transfer_id']}").json()
     assert (transfer["sender"], transfer["receiver"]) == ("SEG", "NTH")
     assert (transfer["priority"], transfer["reason"]) == ("urgent", "clinic tomorrow")
-    assert transfer["instances_total"] == 3
+    assert transfer["instances_total"] == 6  # both studies, fetched one after the other
     [asked] = _events(qr.net, "query:pacs:queried", lambda e: e["actor"] == "seg.radiographer")
     assert set(asked["detail"]["studies"]) == found
 

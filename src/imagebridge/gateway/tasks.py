@@ -91,6 +91,13 @@ def as_match(ds: Dataset) -> dict[str, Any]:
     return out
 
 
+def _each_study(level: str, keys: dict[str, str]) -> list[dict[str, str]]:
+    uids = [u for u in keys.get("StudyInstanceUID", "").split("\\") if u.strip()]
+    if level != "STUDY" or len(uids) < 2:
+        return [keys]
+    return [{**keys, "StudyInstanceUID": uid.strip()} for uid in uids]
+
+
 class TaskWorker:
     def __init__(
         self,
@@ -228,17 +235,21 @@ class TaskWorker:
             raise TaskFailed("the patient is not known at this institution")
         folder = self.folder / task["id"]
         shutil.rmtree(folder, ignore_errors=True)
+        files: list[Path] = []
         try:
-            query = identifier(request["level"], keys, returned=False)
-            if node.retrieve == "move":
-                fetched = pacs_scu.fetch_by_move(
-                    node, self.settings.ae_title, query, folder, self.inbox
-                )
-            else:
-                fetched = pacs_scu.fetch_by_get(node, self.settings.ae_title, query, folder)
-            if not fetched.files:
+            # One study at a time: not every PACS retrieves a list of UIDs.
+            for keys_one in _each_study(request["level"], keys):
+                query = identifier(request["level"], keys_one, returned=False)
+                if node.retrieve == "move":
+                    fetched = pacs_scu.fetch_by_move(
+                        node, self.settings.ae_title, query, folder, self.inbox
+                    )
+                else:
+                    fetched = pacs_scu.fetch_by_get(node, self.settings.ae_title, query, folder)
+                files += [f for f in fetched.files if f not in files]
+            if not files:
                 raise TaskFailed("the PACS sent nothing for this request")
-            transfer_id, count = self._upload(hub, task, fetched.files)
+            transfer_id, count = self._upload(hub, task, files)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return {"status": "done", "transfer_id": transfer_id, "instances": count}
