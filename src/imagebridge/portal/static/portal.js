@@ -150,7 +150,7 @@ const IB = (() => {
 
   document.addEventListener("click", (event) => {
     const el = event.target.closest("button[data-api], button[data-export]");
-    if (!el || el.form?.dataset.api === el.dataset.api) return;
+    if (!el) return;
     event.preventDefault();
     if (el.dataset.export) exportFile(el);
     else act(el, null);
