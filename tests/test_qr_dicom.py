@@ -490,7 +490,7 @@ def test_getscu_of_a_study_only_in_nth_pacs_fetched_by_c_move_to_the_gateway(
     )
 
 
-def test_getscu_of_one_series_of_the_own_study(qr: QR, tmp_path: Path) -> None:
+def test_getscu_of_a_series_and_of_one_instance_of_the_own_study(qr: QR, tmp_path: Path) -> None:
     study = qr.studies["own_rvh"]
     output = _get(
         qr,
@@ -504,6 +504,19 @@ def test_getscu_of_one_series_of_the_own_study(qr: QR, tmp_path: Path) -> None:
     # RVH's own study goes as RVH sent it.
     assert sorted(ds.PatientID for ds in received) == [MRN["RVH"]] * 3
     assert {ds.AccessionNumber for ds in received} == {"RVH2301"}
+
+    one = pydicom.dcmread(study.paths[1])
+    output = _get(
+        qr,
+        tmp_path / "one",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={study.study_instance_uid}",
+        f"SeriesInstanceUID={study.series_instance_uid}",
+        f"SOPInstanceUID={one.SOPInstanceUID}",
+    )
+    assert _statuses(output)[-1] == 0x0000, output
+    [only] = [pydicom.dcmread(p) for p in (tmp_path / "one").iterdir()]
+    assert only.SOPInstanceUID == one.SOPInstanceUID
 
 
 @pytest.mark.parametrize("name", ["hub_lok", "hub_noa"])
@@ -724,6 +737,7 @@ def test_a_source_gateway_that_does_not_answer_is_waited_for_a_bounded_time(
 def test_c_cancel_ends_a_query_waiting_for_the_network(qr: QR) -> None:
     """With NTH's gateway stopped the gateway waits for the network: a C-CANCEL then (from
     pynetdicom: DCMTK cancels only after a response) ends the query with FE00 at once."""
+    qr.net.stop_gateway("NTH")  # already, when the module runs in order
     ae = AE(ae_title=WORKSTATION)
     ae.add_requested_context(STUDY_ROOT_FIND)
     assoc = ae.associate(
