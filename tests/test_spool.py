@@ -112,3 +112,20 @@ def test_too_little_disk_is_refused_and_what_is_accepted_is_counted(tmp_path: Pa
     accept(spool, "1.2.3.4.3", os.urandom(300_000), association)
     assert len(checks) == 2
     assert len(stored(spool)) == 2
+
+
+def test_a_batch_waits_for_more_while_the_study_arrives(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=0)
+    association: set[str] = set()
+    for i in range(3):
+        accept(spool, f"1.2.3.4.{i}", os.urandom(100), association)
+    [t] = spool.by_priority()
+    assert spool.take_batch(t, 32, 1 << 30, min_items=8, settle=60) == []
+    # A sender that has paused (settle elapsed), or a batch that is full, goes now.
+    assert len(spool.take_batch(t, 2, 1 << 30, min_items=8, settle=60)) == 2
+    spool.release(t, list(t.in_flight))
+    assert len(spool.take_batch(t, 32, 1 << 30, min_items=8, settle=0)) == 3
+    spool.release(t, list(t.in_flight))
+    # Once the association has ended, whatever is there goes.
+    spool.association_ended(association)
+    assert len(spool.take_batch(t, 32, 1 << 30, min_items=8, settle=60)) == 3

@@ -333,10 +333,19 @@ class Spool:
                 self._transfers.values(), key=lambda t: (t.priority != "urgent", t.created_at)
             )
 
-    def take_batch(self, t: Outbound, max_items: int, max_bytes: int) -> list[tuple[str, Path]]:
+    def take_batch(
+        self, t: Outbound, max_items: int, max_bytes: int, min_items: int = 1, settle: float = 0.0
+    ) -> list[tuple[str, Path]]:
+        """Instances to upload next. While they are still arriving, fewer than ``min_items``
+        wait, unless the sender has paused for ``settle`` seconds: each batch costs the
+        gateway and the hub a few requests, and a fast sender fills one in a moment."""
         batch: list[tuple[str, Path]] = []
         size = 0
         with self.changed:
+            if t.active_associations > 0 and time.monotonic() - t.last_instance_at < settle:
+                waiting = sum(1 for sha in t.pending if sha not in t.in_flight)
+                if waiting < min(min_items, max_items):
+                    return batch
             for sha, path in t.pending.items():
                 if sha in t.in_flight:
                     continue

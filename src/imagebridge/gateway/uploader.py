@@ -12,6 +12,9 @@ from imagebridge.gateway.spool import Outbound, Spool
 from imagebridge.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+# While a study arrives, a batch waits for this many instances, or for the sender to pause.
+MIN_BATCH_INSTANCES = 8
+SETTLE_SECONDS = 0.1
 
 
 class Backoff:
@@ -76,7 +79,11 @@ class Uploader:
             if t.hub_id is None and not self._open_on_hub(t):
                 return True
             batch = self.spool.take_batch(
-                t, self.settings.upload_batch_instances, self.settings.upload_batch_bytes
+                t,
+                self.settings.upload_batch_instances,
+                self.settings.upload_batch_bytes,
+                min_items=MIN_BATCH_INSTANCES,
+                settle=SETTLE_SECONDS,
             )
             if batch:
                 self._upload(t, batch)
