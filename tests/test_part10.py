@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.dicom.part10 import BadDataset, file_meta, read_header, read_meta
@@ -41,7 +42,7 @@ KEYWORDS = (
 
 
 def _readable(paths: list[str]) -> list[tuple[Path, Dataset]]:
-    out = []
+    out: list[tuple[Path, Dataset]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in paths:
@@ -186,7 +187,7 @@ def test_edge_values_read_as_pydicom_reads_them(
                 ds[keyword].value = value.decode("latin-1")
             else:
                 setattr(ds, keyword, value)
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
         out = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -121,11 +121,12 @@ class LocalBlobStore:
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._sync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+        self._folders: set[Path] = set()  # made, and their entries synced
 
     def path_for(self, sha256: str) -> Path:
         if not is_digest(sha256):
             raise ValueError("not a SHA-256 digest")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return Path(f"{self.root}/{sha256[:2]}/{sha256[2:4]}/{sha256}")
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()
@@ -144,7 +145,7 @@ class LocalBlobStore:
         commit skip content already held.
         """
         results: list[tuple[str, int] | BlobMismatch] = []
-        moves: list[tuple[Path, Path]] = []
+        moves: dict[Path, Path] = {}  # final name -> staged file
         for writer, expected in items:
             assert isinstance(writer, LocalBlobWriter)
             digest, size = writer.digest, writer.size
@@ -153,19 +154,32 @@ class LocalBlobStore:
                 results.append(BlobMismatch(f"content hashes to {digest}, not {expected}"))
                 continue
             final = self.path_for(digest)
-            if final.exists() or any(f == final for _, f in moves):
+            if final in moves or final.exists():
                 writer.abort()
             else:
-                moves.append((writer.close(), final))
+                moves[final] = writer.close()
             results.append((digest, size))
         if moves:
-            list(self._sync_pool.map(fsync_path, [tmp for tmp, _ in moves]))
-            for tmp, final in moves:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, final)
-            parents = {f.parent for _, f in moves} | {f.parent.parent for _, f in moves}
-            list(self._sync_pool.map(fsync_path, parents))
+            list(self._sync_pool.map(fsync_path, moves.values()))
+            # The folders whose entries change: each blob's, and the parent of any made.
+            changed: set[Path] = set()
+            for final, staged in moves.items():
+                changed |= self._make_folders(final.parent)
+                os.replace(staged, final)
+                changed.add(final.parent)
+            list(self._sync_pool.map(fsync_path, changed))
         return results
+
+    def _make_folders(self, folder: Path) -> set[Path]:
+        """Make ``folder`` and its missing parents; the folders whose entries changed."""
+        if folder in self._folders or folder == self.root:
+            return set()
+        changed = self._make_folders(folder.parent)
+        # Made now, or before this process started: either way its entry is synced once.
+        folder.mkdir(exist_ok=True)
+        changed.add(folder.parent)
+        self._folders.add(folder)
+        return changed
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path_for(sha256), "rb")
