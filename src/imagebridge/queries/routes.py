@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import StreamingResponse
@@ -36,6 +37,7 @@ HubDep = Annotated[Hub, Depends(get_hub)]
 Viewer = Annotated[Actor, Depends(require(Permission.SEND_STUDIES, Permission.VIEW_STUDIES))]
 Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
 NOT_YOURS = "no such task, or not one of your institution"
+T = TypeVar("T")
 NHS = "NHS"
 
 
@@ -82,18 +84,25 @@ def _bad_query(exc: QueryError) -> HTTPException:
     return HTTPException(400, str(exc))
 
 
-async def _await_tasks(hub: Hub, waiter: int, ids: list[str], seconds: float) -> None:
-    """Until every task is finished or the time is up; answers nudge the waiting institution."""
+async def _poll(
+    hub: Hub, institution_id: int, seconds: float, check: Callable[[], T | None]
+) -> T | None:
+    """``check`` until it answers or the time is up. A nudge for the institution wakes the
+    wait early; the database is rechecked meanwhile, for what other hub processes wrote."""
     deadline = time.monotonic() + seconds
     while True:
-        event = hub.notifier.event(waiter)
-        if await run_in_threadpool(_finished, hub, ids):
-            return
+        event = hub.notifier.event(institution_id)
+        found = await run_in_threadpool(check)
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
+        if found is not None or remaining <= 0:
+            return found
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+
+
+async def _await_tasks(hub: Hub, waiter: int, ids: list[str], seconds: float) -> None:
+    """Until every task is finished or the time is up; answers nudge the waiting institution."""
+    await _poll(hub, waiter, seconds, lambda: True if _finished(hub, ids) else None)
 
 
 def _finished(hub: Hub, ids: list[str]) -> bool:
@@ -416,17 +425,9 @@ async def gateway_tasks(
 ) -> dict[str, Any]:
     """Lease the next task of a kind for this gateway's PACS."""
     assert actor.institution_id is not None
-    deadline = time.monotonic() + min(wait, hub.settings.inbox_wait_seconds)
-    while True:
-        event = hub.notifier.event(actor.institution_id)
-        found = await run_in_threadpool(_take_task, hub, actor, kind)
-        if found is not None:
-            return {"task": found}
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return {"task": None}
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+    seconds = min(wait, hub.settings.inbox_wait_seconds)
+    task = await _poll(hub, actor.institution_id, seconds, lambda: _take_task(hub, actor, kind))
+    return {"task": task}
 
 
 def _check_fetch_transfer(session: Session, task: GatewayTask, transfer_id: str) -> None:
