@@ -43,6 +43,7 @@ NHS_NUMBER = "9434765919"
 PATIENT_ID = "SEG778899"
 PATIENT_NAME = "DEMO^ALICE"
 REPORT = "CT chest: no acute abnormality. Typed at St Elsewhere for Riverside."
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 FAST = {"study_stable_seconds": 0.5, "retry_initial_seconds": 0.2, "retry_max_seconds": 0.5}
 # Who uses the portal here: (institution, role).
 PEOPLE = {
@@ -277,6 +278,24 @@ def test_send_from_the_pacs_watch_it_arrive_and_view_it(world: World) -> None:
             "30 of 30 images", timeout=60_000
         )
         shots.take(sam, "outbox")
+
+        # Sent again, from what the hub now holds for SEG, routine, with a PDF report.
+        sam.get_by_role("link", name="Send", exact=True).click()
+        sam.get_by_label("Studies the hub holds for us").check()
+        sam.get_by_label("NHS number").fill(NHS_NUMBER)
+        sam.get_by_role("button", name="Search").click()
+        expect(sam.locator("#search-message")).to_have_text("1 found.")
+        sam.locator("#study-results input[name=study]").check()
+        sam.get_by_label("Send to").select_option("RVH")
+        sam.get_by_label("PDF file").check()
+        sam.get_by_label("PDF report").set_input_files(
+            files=[{"name": "letter.pdf", "mimeType": "application/pdf", "buffer": PDF}]
+        )
+        sam.get_by_label("Report title").fill("Discharge letter")
+        sam.get_by_role("button", name="Send", exact=True).click()
+        expect(sam.locator("#send-message")).to_contain_text("Sent with the report")
+        sam.get_by_role("link", name="Follow it in the outbox").click()
+        expect(sam.locator("#transfer-rows tr.status-delivered")).to_have_count(2, timeout=60_000)
 
         # The radiologist opens the study in the viewer.
         with rita.expect_navigation():

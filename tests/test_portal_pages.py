@@ -189,6 +189,9 @@ def test_the_send_page_offers_only_institutions_with_an_agreement(
     [match] = r.json()["matches"]
     assert match["PatientID"] == "SEG778899" and match["_source"] == "hub"
     assert match["_nhs_number"] == NHS_NUMBER
+    by_nhs = {"PatientID": NHS_NUMBER, "IssuerOfPatientID": "NHS"}
+    r = sender.post("/portal/send/studies", json={"keys": by_nhs})
+    assert [m["PatientID"] for m in r.json()["matches"]] == ["SEG778899"]
     r = sender.post("/portal/send/studies", json={"keys": {"StudyDate": "yesterday"}})
     assert r.status_code == 400
     # RVH received the study: it is not RVH's to send on from the hub.

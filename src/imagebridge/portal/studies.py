@@ -21,7 +21,14 @@ from imagebridge.patients.services import visible as visible_identifiers
 from imagebridge.transfers.models import Report, Transfer
 
 # Search fields of the send page, as DICOM query keys (PS3.4 C.2.2.2 matching).
-SEARCH_KEYS = ("PatientID", "PatientName", "AccessionNumber", "StudyDate", "ModalitiesInStudy")
+SEARCH_KEYS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "ModalitiesInStudy",
+)
 
 
 def held_studies(
