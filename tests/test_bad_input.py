@@ -8,6 +8,7 @@ gateway's spool nor the hub's blob store holds any part of what was refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 import uuid
@@ -24,6 +25,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from conftest import audit_events
 from imagebridge.demo.network import GatewayProcess, Network
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, StudyFiles, generate_ct_study
 from imagebridge.dicom.net import NODELAY_HANDLERS, requested_contexts
@@ -496,3 +498,33 @@ def test_refused_requests_are_audited(net: Network, tokens: dict[str, str]) -> N
         net, "http:request:refused", after, lambda e: e["detail"]["status"] == 415
     )
     assert "pdf" in wrong_type["detail"]["reason"]
+
+
+def test_a_journal_file_the_hub_refuses_is_set_aside_and_later_events_still_arrive(
+    network: Network,
+) -> None:
+    """One bad file must not hold back every later audit event of the gateway."""
+    journal = network.root / "gateway-SEG" / "data" / "journal"
+    journal.mkdir(parents=True)
+    bad = {"at": "not a time", "action": "no tags here", "outcome": "success", "detail": {}}
+    (journal / "sealed-00000000T000000000000.jsonl").write_text(json.dumps(bad) + "\n")
+    gw = network.start_gateway("SEG", calling_aes=[{"ae_title": "PACS_SEG", "host": "127.0.0.1"}])
+    ae = AE(ae_title="PACS_SEG")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+    assert assoc.is_established
+    assoc.release()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        accepted = [
+            e
+            for e in audit_events(network, "dicom:association:accepted")
+            if e["detail"].get("calling_ae_title") == "PACS_SEG"
+        ]
+        if accepted:
+            break
+        time.sleep(0.2)
+    assert accepted, "the later event never reached the hub"
+    assert [p.name for p in (journal / "refused").iterdir()] == [
+        "sealed-00000000T000000000000.jsonl"
+    ]

@@ -61,6 +61,14 @@ class Journal:
                 os.replace(self._current, self.folder / f"sealed-{stamp}.jsonl")
         return sorted(self.folder.glob("sealed-*.jsonl"))
 
+    def set_aside(self, path: Path) -> Path:
+        """Keep a sealed file the hub refused, for a person to look at, out of the queue."""
+        refused = self.folder / "refused"
+        refused.mkdir(exist_ok=True)
+        target = refused / path.name
+        os.replace(path, target)
+        return target
+
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
         events = []

@@ -145,6 +145,12 @@ class Uploader:
     def _forward_journal(self) -> None:
         for path in self.journal.pending_batches():
             events = Journal.read(path)
-            for start in range(0, len(events), 500):
-                self.hub.audit(events[start : start + 500])
+            try:
+                for start in range(0, len(events), 500):
+                    self.hub.audit(events[start : start + 500])
+            except HubError as exc:
+                # The hub will never take this file; every later event must not wait behind it.
+                log.error("the hub refused journal file %s (%s); set aside", path.name, exc)
+                self.journal.set_aside(path)
+                continue
             path.unlink()
