@@ -269,12 +269,15 @@ class Association:
         """sendmsg until all of ``iov`` is sent (it may take part: a full send buffer)."""
         start = 0
         while start < len(iov):
-            sent = self.sock.sendmsg(iov[start : start + MAX_IOV])
-            while start < len(iov) and sent >= len(iov[start]):
+            batch = iov[start : start + MAX_IOV]
+            sent = self.sock.sendmsg(batch)
+            if sent == sum(map(len, batch)):  # the usual case: all of it
+                start += len(batch)
+                continue
+            while sent >= len(iov[start]):
                 sent -= len(iov[start])
                 start += 1
-            if sent:
-                iov[start] = memoryview(iov[start])[sent:]
+            iov[start] = memoryview(iov[start])[sent:]
         iov.clear()
 
     def _read_response(self) -> StoreResponse:
