@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import time
@@ -11,11 +12,17 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from imagebridge.db import make_engine
 from imagebridge.demo.network import Network, free_port
 from imagebridge.demo.pacs import MiniPacs
+from pg import PostgresServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# The hubs' database: "sqlite" (each in its data_dir) or "postgresql" (one server for the
+# session, an empty database per hub).
+TEST_DATABASE = os.environ.get("IMAGEBRIDGE_TEST_DATABASE", "sqlite")
 
 
 def require_tool(path: str) -> str:
@@ -26,6 +33,61 @@ def require_tool(path: str) -> str:
             pytest.fail(f"{path} is required under CI")
         pytest.skip(f"{path} not installed")
     return found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_DATABASE not in ("sqlite", "postgresql"):
+        raise pytest.UsageError("IMAGEBRIDGE_TEST_DATABASE is sqlite or postgresql")
+
+
+def pytest_report_header() -> str:
+    return f"hub database: {TEST_DATABASE}"
+
+
+def _pg_tool(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return require_tool(found[-1] if found else name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started when a test first needs it."""
+    server = PostgresServer(_pg_tool("postgres"), _pg_tool("initdb"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hub_databases(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under IMAGEBRIDGE_TEST_DATABASE=postgresql every hub a test starts gets its own
+    database on the session's server."""
+    if TEST_DATABASE != "postgresql":
+        yield
+        return
+    Network.databases = request.getfixturevalue("postgres_server")
+    try:
+        yield
+    finally:
+        Network.databases = None
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """An empty PostgreSQL database, whichever database the hubs use."""
+    url = postgres_server.create()
+    yield url
+    postgres_server.drop(url)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty database of the kind the hubs use, for tests that open engines themselves."""
+    if TEST_DATABASE == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'hub.db'}"
 
 
 @pytest.fixture
@@ -69,6 +131,16 @@ def wait_for_transfer(
                     return dict(t)
             time.sleep(0.1)
     raise AssertionError("no transfer reached the expected state in time")
+
+
+def hub_query(net: Network, statement: str) -> list[tuple[Any, ...]]:
+    """Rows straight from a hub's database, whichever kind it is."""
+    engine = make_engine(net.hub_database_url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(statement))]
+    finally:
+        engine.dispose()
 
 
 def audit_events(net: Network, action: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import httpx
 from fastapi import FastAPI
 
 from imagebridge.accounts import totp
+from imagebridge.demo.network import Network
 from imagebridge.hub.app import create_app
 from imagebridge.hub.auth import CSRF_HEADER, SESSION_COOKIE
 from imagebridge.hub.state import Hub
@@ -103,7 +104,10 @@ class InProcessHub:
 
     def __init__(self, folder: Path) -> None:
         self.clock = Clock()
-        self.hub = Hub.open(HubSettings(data_dir=folder))
+        # The same database choice as the hubs the tests start as processes.
+        self.databases = Network.databases
+        self.database_url = self.databases.create() if self.databases else ""
+        self.hub = Hub.open(HubSettings(data_dir=folder, database_url=self.database_url))
         self.hub.clock = self.clock
         self.app = create_app(self.hub)
         self.clients: dict[str, HubClient] = {}
@@ -217,3 +221,5 @@ class InProcessHub:
         for c in self.clients.values():
             c.close()
         self.hub.engine.dispose()
+        if self.databases is not None:
+            self.databases.drop(self.database_url)

@@ -31,7 +31,6 @@ from imagebridge.db import make_engine, make_sessionmaker, transaction
 from imagebridge.demo.network import Network, free_port
 from imagebridge.migrate import upgrade
 from imagebridge.settings import AuditRepository
-from test_audit_chain import postgres_url  # noqa: F401 - the PostgreSQL server fixture
 
 # RFC 5424: PRI VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA, then MSG
 # (here always UTF-8, so it starts with a BOM).
@@ -321,7 +320,7 @@ def audited_hub(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], AuditedHu
                 **repository,
             }
         )
-        hub = AuditedHub(net, make_engine(f"sqlite:///{net.root / 'hub' / 'hub.db'}"))
+        hub = AuditedHub(net, make_engine(net.hub_database_url))
         started.append(hub)
         return hub
 
@@ -617,7 +616,7 @@ def test_odd_content_still_makes_a_well_formed_message() -> None:
     assert spec_for("", "success").event_id.value == "110100"
 
 
-def test_one_forwarder_sends_for_hubs_sharing_postgresql(postgres_url: str) -> None:  # noqa: F811
+def test_one_forwarder_sends_for_hubs_sharing_postgresql(postgres_url: str) -> None:
     receiver = UdpReceiver(free_port())
     receiver.start()
     engines = [make_engine(postgres_url) for _ in range(2)]

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +19,11 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conftest import require_tool
 from imagebridge.audit.chain import FIELDS, GENESIS, Anchor, event_hash
 from imagebridge.audit.models import AuditEvent
 from imagebridge.audit.services import record, verify_chain
 from imagebridge.db import make_engine, make_sessionmaker, transaction
-from imagebridge.demo.network import Network, free_port, wait_for_port, write_toml
+from imagebridge.demo.network import Network, write_toml
 from imagebridge.migrate import upgrade
 
 
@@ -40,10 +34,15 @@ class Trail:
     sessions: sessionmaker[Session]
 
     @property
+    def postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    @property
     def config(self) -> Path:
         path = self.folder / "hub.toml"
         if not path.exists():
-            write_toml(path, {"data_dir": "."})
+            url = self.engine.url.render_as_string(hide_password=False)
+            write_toml(path, {"data_dir": ".", "database_url": url})
         return path
 
     def add(self, count: int, **fields: Any) -> None:
@@ -59,12 +58,18 @@ class Trail:
     def tamper(self, *statements: str, **params: Any) -> None:
         """What an intruder with the database file does: lift the guard, then write."""
         with self.engine.begin() as c:
-            c.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
-            c.execute(text("DROP TRIGGER IF EXISTS audit_events_no_delete"))
+            if self.postgresql:
+                c.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+            else:
+                c.execute(text("DROP TRIGGER IF EXISTS audit_events_no_update"))
+                c.execute(text("DROP TRIGGER IF EXISTS audit_events_no_delete"))
             for statement in statements:
                 c.execute(text(statement), params)
 
     def forge(self, values: dict[str, Any]) -> None:
+        values = {**values, "detail": json.dumps(values["detail"])}
+        if not self.postgresql:  # stored as SQLAlchemy stores it there: text, no zone
+            values["at"] = values["at"].strftime("%Y-%m-%d %H:%M:%S.%f")
         columns = ", ".join(values)
         marks = ", ".join(f":{k}" for k in values)
         self.tamper(f"INSERT INTO audit_events ({columns}) VALUES ({marks})", **values)
@@ -88,8 +93,8 @@ class Trail:
 
 
 @pytest.fixture
-def trail(tmp_path: Path) -> Iterator[Trail]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+def trail(tmp_path: Path, database_url: str) -> Iterator[Trail]:
+    engine = make_engine(database_url)
     upgrade(engine)
     yield Trail(tmp_path, engine, make_sessionmaker(engine))
     engine.dispose()
@@ -99,8 +104,6 @@ def _forged(row: dict[str, Any], **changes: Any) -> dict[str, Any]:
     """A row as a careful forger writes it: fields changed and the hash made to fit."""
     values = {**row, **changes}
     values["hash"] = event_hash(values)
-    values["detail"] = json.dumps(values["detail"])
-    values["at"] = values["at"].strftime("%Y-%m-%d %H:%M:%S.%f")
     return values
 
 
@@ -319,7 +322,7 @@ def test_verify_refuses_what_it_cannot_read(tmp_path: Path) -> None:
 
 
 def _hub_trail(net: Network) -> Trail:
-    engine = make_engine(f"sqlite:///{net.root / 'hub' / 'hub.db'}")
+    engine = make_engine(net.hub_database_url)
     return Trail(net.root / "hub", engine, make_sessionmaker(engine))
 
 
@@ -367,48 +370,6 @@ def test_the_auditor_verifies_and_searches_over_http(network: Network) -> None:
 
 
 # -- PostgreSQL: several hub processes append at once ---------------------------------------
-
-
-def _pg_tool(name: str) -> str:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return require_tool(found[-1] if found else name)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server on a free loopback port, stopped by its pid."""
-    postgres, initdb = _pg_tool("postgres"), _pg_tool("initdb")
-    folder = Path(tempfile.mkdtemp(prefix="ib-pg-"))
-    # PostgreSQL refuses to run as root: run it as the postgres account then.
-    user = "postgres" if os.geteuid() == 0 else None
-    if user:
-        folder.chmod(0o755)
-        shutil.chown(folder, user)
-    data = folder / "data"
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        subprocess.run(
-            [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-            user=user,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        port = free_port()
-        with open(folder / "postgres.log", "wb") as log:
-            process = subprocess.Popen(
-                [postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder)],
-                user=user,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_port(port, process)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        if process is not None:
-            os.kill(process.pid, signal.SIGINT)  # fast shutdown
-            process.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_postgresql_appenders_take_turns_on_the_chain(postgres_url: str) -> None:

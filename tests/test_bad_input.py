@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from conftest import audit_events
+from conftest import audit_events, hub_query
 from imagebridge.demo.network import GatewayProcess, Network
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, StudyFiles, generate_ct_study
 from imagebridge.dicom.net import NODELAY_HANDLERS, requested_contexts
@@ -95,9 +94,8 @@ def nothing_kept(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not list((spool / "out").glob("*/*.dcm"))
     blobs = net.root / "hub" / "blobs"
     assert not [p for p in blobs.rglob("*") if p.is_file()]  # not even in blobs/tmp
-    with sqlite3.connect(net.root / "hub" / "hub.db") as db:
-        assert db.execute("SELECT count(*) FROM blobs").fetchone() == (0,)
-        assert db.execute("SELECT count(*) FROM instances").fetchone() == (0,)
+    assert hub_query(net, "SELECT count(*) FROM blobs") == [(0,)]
+    assert hub_query(net, "SELECT count(*) FROM instances") == [(0,)]
     for log in (net.root / "hub.log", net.root / "gateway-SEG" / "gateway.log"):
         assert "Traceback" not in log.read_text("utf-8", "replace"), log
 

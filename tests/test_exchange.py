@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
-import sqlite3
 import struct
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from conftest import audit_events
+from conftest import audit_events, hub_query
 from imagebridge.demo.network import GatewayProcess, Network, free_port
 from imagebridge.demo.pacs import MiniPacs
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, StudyFiles, generate_ct_study
@@ -177,8 +176,7 @@ def blob_files(net: Network) -> set[str]:
 
 
 def blob_rows(net: Network) -> set[str]:
-    with sqlite3.connect(net.root / "hub" / "hub.db") as db:
-        return {row[0] for row in db.execute("SELECT sha256 FROM blobs")}
+    return {row[0] for row in hub_query(net, "SELECT sha256 FROM blobs")}
 
 
 def spool_digest(path: Path) -> str:

@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
 
 from imagebridge.db import make_engine
-from imagebridge.migrate import upgrade
+from imagebridge.migrate import alembic_config, upgrade
 from imagebridge.models import Base
 
 
-def test_migrations_match_the_models(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    upgrade(engine)
+def _differences(engine: Engine) -> list[object]:
     with engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert diff == [], f"models and migrations differ: {diff}"
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
 
 
-def test_the_audit_trail_refuses_change(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+def test_migrations_match_the_models(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        assert _differences(engine) == [], "models and migrations differ"
+    finally:
+        engine.dispose()
+
+
+def test_every_migration_downgrades_and_upgrades_again(database_url: str) -> None:
+    engine = make_engine(database_url)
+    config = alembic_config()
+    try:
+        upgrade(engine)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+        with engine.connect() as connection:
+            assert set(inspect(connection).get_table_names()) <= {"alembic_version"}
+        upgrade(engine)
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_the_audit_trail_refuses_change(database_url: str) -> None:
+    engine = make_engine(database_url)
     upgrade(engine)
     with engine.begin() as connection:
         connection.execute(

@@ -9,7 +9,6 @@ through the real login steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -451,8 +450,8 @@ def test_the_receiving_gateway_asks_for_its_own_local_id(
     assert any(e["detail"]["operation"] == "local-id" and e["patient_ref"] == ALICE for e in events)
 
 
-def test_the_migration_links_patients_indexed_before_it(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+def test_the_migration_links_patients_indexed_before_it(database_url: str) -> None:
+    engine = make_engine(database_url)
     upgrade(engine, "0004")
     with engine.begin() as c:
         c.execute(

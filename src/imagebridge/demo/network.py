@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import httpx
 
@@ -77,8 +77,22 @@ class GatewayProcess:
     log: Path
 
 
+class HubDatabases(Protocol):
+    """A database server that gives each new hub an empty database of its own."""
+
+    def create(self) -> str:
+        """Make an empty database; answer its SQLAlchemy URL."""
+        ...
+
+    def drop(self, url: str) -> None: ...
+
+
 @dataclass
 class Network:
+    # Where new hubs get their database when their settings name none; unset, it is SQLite
+    # in the hub's data_dir. (The tests set it to run every hub on PostgreSQL.)
+    databases: ClassVar[HubDatabases | None] = None
+
     root: Path
     hub_port: int = 0
     hub_process: subprocess.Popen[bytes] | None = None
@@ -86,6 +100,7 @@ class Network:
     admin_token: str = ""
     env: dict[str, str] = field(default_factory=dict)
     hub_ca: Path | None = None  # set when the hub's main port speaks HTTPS
+    database_url: str = ""  # the hub's when made by `databases`; dropped by `stop`
 
     @property
     def hub_url(self) -> str:
@@ -97,9 +112,17 @@ class Network:
         """What an HTTP client of the hub's main port trusts."""
         return ssl.create_default_context(cafile=self.hub_ca) if self.hub_ca else True
 
+    @property
+    def hub_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'hub' / 'hub.db'}"
+
     def start_hub(self, **settings: Any) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.hub_port = self.hub_port or free_port()
+        if not self.database_url and self.databases is not None:
+            self.database_url = self.databases.create()
+        if self.database_url:
+            settings = {"database_url": self.database_url, **settings}
         config = self.root / "hub.toml"
         write_toml(
             config, {"data_dir": "hub", "host": "127.0.0.1", "port": self.hub_port, **settings}
@@ -215,6 +238,9 @@ class Network:
             stop_process(gw.process)
         if self.hub_process is not None:
             stop_process(self.hub_process)
+        if self.database_url and self.databases is not None:
+            self.databases.drop(self.database_url)
+            self.database_url = ""
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
