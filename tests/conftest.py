@@ -18,6 +18,7 @@ from imagebridge.db import make_engine
 from imagebridge.demo.network import Network, free_port
 from imagebridge.demo.pacs import MiniPacs
 from pg import PostgresServer
+from seaweed import SeaweedServer, weed_path
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # The hubs' database: "sqlite" (each in its data_dir) or "postgresql" (one server for the
@@ -72,6 +73,18 @@ def hub_databases(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         Network.databases = None
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedServer]:
+    """One SeaweedFS (S3) server for the whole session, started when a test first needs it;
+    each test makes its own bucket."""
+    server = SeaweedServer(require_tool(weed_path()))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -141,12 +141,55 @@ class Notifications(BaseModel):
     timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for a server")
 
 
+class BlobStoreSettings(BaseModel):
+    """Where the hub keeps blobs: a local folder (``blob_dir``), or an S3-compatible bucket.
+
+    The access key and secret belong in the environment (``IMAGEBRIDGE_HUB_BLOB_STORE__...``),
+    or are left empty for boto3's own chain (``AWS_ACCESS_KEY_ID``, an instance role...).
+    """
+
+    kind: Literal["local", "s3"] = Field("local", description="local (a folder) or s3")
+    endpoint_url: str = Field("", description="The S3 endpoint; empty for AWS's own")
+    bucket: str = Field("", description="The bucket, made beforehand")
+    region: str = Field("us-east-1", description="The bucket's region")
+    prefix: str = Field("blobs", description="Keys are <prefix>/ab/cd/<sha256>")
+    access_key_id: str = Field("", description="Empty: boto3's credential chain")
+    secret_access_key: SecretStr = Field(SecretStr(""), description="Better from the environment")
+    addressing_style: Literal["path", "virtual", "auto"] = Field(
+        "path", description="path suits SeaweedFS, MinIO and Ceph; virtual suits AWS"
+    )
+    multipart_threshold: int = Field(
+        16 * 1024 * 1024, ge=5 * 1024 * 1024, description="Objects this big go in parts"
+    )
+    multipart_part_size: int = Field(
+        8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="Size of each part (S3 allows 5 MiB to 5 GiB)",
+    )
+    max_connections: int = Field(16, ge=1, description="Uploads and downloads at once")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return value.strip("/")
+
+    @model_validator(mode="after")
+    def _bucket(self) -> BlobStoreSettings:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("an s3 blob store needs a bucket")
+        return self
+
+
 class HubSettings(_TomlSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_HUB_", env_nested_delimiter="__")
 
     data_dir: Path = Field(Path("hub-data"), description="Folder for the database, blobs, secrets")
     database_url: str = Field("", description="SQLAlchemy URL; default SQLite in data_dir")
     blob_dir: Path | None = Field(None, description="Local blob store; default data_dir/blobs")
+    blob_store: BlobStoreSettings = Field(
+        default_factory=lambda: BlobStoreSettings(), description="local folder or S3 bucket"
+    )
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = Field(

@@ -71,9 +71,21 @@ class Hub:
             settings=settings,
             engine=engine,
             sessions=sessions,
-            blobs=LocalBlobStore(settings.resolved_blob_dir),
+            blobs=open_blob_store(settings),
             admin_token=settings.admin_token or _admin_token(settings.data_dir),
         )
+
+
+def open_blob_store(settings: HubSettings) -> BlobStore:
+    """The blob store the settings choose; an unreachable bucket fails here, with the reason."""
+    if settings.blob_store.kind == "s3":
+        from imagebridge.storage.s3 import S3BlobStore  # boto3 only where it is used
+
+        # Uploads are staged beside where a local store would keep its blobs.
+        store = S3BlobStore.from_settings(settings.blob_store, settings.resolved_blob_dir / "tmp")
+        store.check()
+        return store
+    return LocalBlobStore(settings.resolved_blob_dir)
 
 
 def _admin_token(data_dir: Path) -> str:

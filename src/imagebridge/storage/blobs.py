@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -16,6 +17,7 @@ from typing import BinaryIO, Protocol
 from imagebridge.fsutil import fsync_path
 
 DIGEST_LENGTH = 64
+CHUNK = 1 << 20
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -25,8 +27,19 @@ def is_digest(value: str) -> bool:
     return _DIGEST.fullmatch(value) is not None
 
 
+def blob_name(sha256: str) -> str:
+    """Where a blob lives below a store's root, whichever the store: ab/cd/abcd..."""
+    if not is_digest(sha256):
+        raise ValueError("not a SHA-256 digest")
+    return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+
 class BlobMismatch(ValueError):
     """The bytes received do not hash to the digest they were announced with."""
+
+
+class BlobStoreError(OSError):
+    """The store could not be reached, or refused an operation (an object store's error)."""
 
 
 class BlobWriter(Protocol):
@@ -61,10 +74,11 @@ class BlobStore(Protocol):
         ...
 
 
-class LocalBlobWriter:
-    def __init__(self, store: LocalBlobStore) -> None:
-        self._store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="blob-")
+class StagedBlob:
+    """Bytes being received, in a local file, hashed as they arrive."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
         self._file = os.fdopen(fd, "wb")
         self._tmp = Path(name)
         self._hash = hashlib.sha256()
@@ -79,11 +93,41 @@ class LocalBlobWriter:
         self._file.flush()
         return self._tmp
 
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def mismatch(self, expected_sha256: str | None) -> BlobMismatch | None:
+        """Why the bytes cannot be stored under ``expected_sha256`` (then they are dropped)."""
+        digest = self.digest
+        if expected_sha256 is None or digest == expected_sha256:
+            return None
+        self.abort()
+        return BlobMismatch(f"content hashes to {digest}, not {expected_sha256}")
+
+    def close(self) -> Path:
+        self._file.close()
+        return self._tmp
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class LocalBlobWriter(StagedBlob):
+    def __init__(self, store: LocalBlobStore) -> None:
+        super().__init__(store.tmp_dir)
+        self._store = store
+
     def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
-        digest = self._hash.hexdigest()
-        if expected_sha256 is not None and digest != expected_sha256:
-            self.abort()
-            raise BlobMismatch(f"content hashes to {digest}, not {expected_sha256}")
+        if refused := self.mismatch(expected_sha256):
+            raise refused
+        digest = self.digest
         final = self._store.path_for(digest)
         if final.exists():
             # Single source: the same content is already stored.
@@ -97,23 +141,6 @@ class LocalBlobWriter:
         fsync_path(final.parent)
         return digest, self._size
 
-    @property
-    def digest(self) -> str:
-        return self._hash.hexdigest()
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def close(self) -> Path:
-        self._file.close()
-        return self._tmp
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
-
 
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
@@ -124,9 +151,7 @@ class LocalBlobStore:
         self._folders: set[Path] = set()  # made, and their entries synced
 
     def path_for(self, sha256: str) -> Path:
-        if not is_digest(sha256):
-            raise ValueError("not a SHA-256 digest")
-        return Path(f"{self.root}/{sha256[:2]}/{sha256[2:4]}/{sha256}")
+        return Path(f"{self.root}/{blob_name(sha256)}")
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).exists()
@@ -148,11 +173,10 @@ class LocalBlobStore:
         moves: dict[Path, Path] = {}  # final name -> staged file
         for writer, expected in items:
             assert isinstance(writer, LocalBlobWriter)
-            digest, size = writer.digest, writer.size
-            if expected is not None and digest != expected:
-                writer.abort()
-                results.append(BlobMismatch(f"content hashes to {digest}, not {expected}"))
+            if refused := writer.mismatch(expected):
+                results.append(refused)
                 continue
+            digest, size = writer.digest, writer.size
             final = self.path_for(digest)
             if final in moves or final.exists():
                 writer.abort()
@@ -186,3 +210,10 @@ class LocalBlobStore:
 
     def local_path(self, sha256: str) -> Path | None:
         return self.path_for(sha256)
+
+
+def read_chunks(store: BlobStore, sha256: str) -> Iterator[bytes]:
+    """A blob's bytes a chunk at a time, for a streamed answer."""
+    with store.open(sha256) as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
