@@ -4,8 +4,9 @@ Prints, measured in the same run on this machine, beside the peers:
   - DCMTK direct:  storescu -> storescp
   - Orthanc relay: storescu -> Orthanc -> storescp (REST /modalities/<storescp>/store)
   - ImageBridge:   storescu -> gateway A -> hub -> gateway B -> storescp
-with medians over repeated runs, the ratios, and the peak memory (VmHWM) of each of our
-processes. `--slices 4000` makes a ~2 GB study for the memory check.
+with medians over repeated runs, the ratios, the CPU time each of our processes spends
+on a send, and their peak memory (VmHWM). `--slices 4000` makes a ~2 GB study for the
+memory check.
 
 Each ImageBridge run sends a newly generated study: the hub stores content once, so sending
 the same files again would only send references and measure far less than a real send.
@@ -66,6 +67,12 @@ def wait_files(folder: Path, count: int, timeout: float = 600) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {sum(1 for _ in folder.iterdir())} of {count} arrived")
         time.sleep(0.005)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -155,6 +162,7 @@ class ImageBridge:
             calling_aes=[{"ae_title": "PACS_B"}],
             pacs=[{"ae_title": "STORESCP", "host": "127.0.0.1", "port": scp_port}],
         )
+        self.cpu: list[dict[str, float]] = []  # CPU seconds of each process, per run
 
     def run(self, slices: int) -> float:
         """Send a new study (new UIDs, so new bytes); its generation is not timed."""
@@ -163,20 +171,30 @@ class ImageBridge:
         folder = self.work / "ib-study"
         shutil.rmtree(folder, ignore_errors=True)
         files = generate_ct_study(folder, slices=slices).paths
+        before = {name: cpu_seconds(pid) for name, pid in self.pids().items()}
         t0 = time.perf_counter()
         storescu(files, self.gw_a.port, "IB_RVH")
         self.sent_at = time.perf_counter() - t0
         wait_files(self.out, len(files))
         elapsed = time.perf_counter() - t0
+        self.cpu.append(
+            {name: cpu_seconds(pid) - before[name] for name, pid in self.pids().items()}
+        )
         shutil.rmtree(folder, ignore_errors=True)
         return elapsed
 
-    def peaks(self) -> dict[str, float]:
+    def pids(self) -> dict[str, int]:
         assert self.net.hub_process is not None
-        peaks = {"hub": peak_rss_mb(self.net.hub_process.pid)}
+        pids = {"hub": self.net.hub_process.pid}
         for code, gw in self.net.gateways.items():
-            peaks[f"gateway {code}"] = peak_rss_mb(gw.process.pid)
-        return peaks
+            pids[f"gateway {code}"] = gw.process.pid
+        return pids
+
+    def cpu_medians(self) -> dict[str, float]:
+        return {name: statistics.median(run[name] for run in self.cpu) for name in self.cpu[0]}
+
+    def peaks(self) -> dict[str, float]:
+        return {name: peak_rss_mb(pid) for name, pid in self.pids().items()}
 
     def close(self) -> None:
         self.net.stop()
@@ -216,6 +234,7 @@ def main() -> int:
     try:
         ours, i_all = median_of(args.runs, lambda: ib.run(args.slices))
         peaks = ib.peaks()
+        cpu = ib.cpu_medians()
     finally:
         ib.close()
     _row("ImageBridge", "storescu -> gw A -> hub -> gw B -> storescp", ours, i_all)
@@ -223,6 +242,7 @@ def main() -> int:
     print(f"ratio          ImageBridge / DCMTK direct = {ours / direct:.2f}")
     if orthanc is not None:
         print(f"ratio          ImageBridge / Orthanc relay = {ours / orthanc:.2f} (target <= 1.0)")
+    print("cpu per send   " + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items()))
     print("peak memory    " + ", ".join(f"{k} {v:.0f} MB" for k, v in peaks.items()))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
