@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from imagebridge.demo.network import write_toml
+from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.hub.state import open_blob_store
 from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import (
@@ -318,3 +320,13 @@ def test_open_blob_store_from_settings(seaweedfs: SeaweedServer, tmp_path: Path)
 def test_the_local_folder_stays_the_default(tmp_path: Path) -> None:
     store = open_blob_store(HubSettings(data_dir=tmp_path))
     assert isinstance(store, LocalBlobStore) and store.root == tmp_path / "blobs"
+
+
+def test_pydicom_reads_a_blob_with_values_deferred(backend: Backend, tmp_path: Path) -> None:
+    """WADO-RS reads instances with large values deferred, fetched when asked for."""
+    study = generate_ct_study(tmp_path / "ct", slices=1, rows=256, columns=256)
+    data = study.paths[0].read_bytes()
+    digest, _ = staged(backend.store, data).commit()
+    with backend.store.open(digest) as fh:
+        ds = dcmread(fh, defer_size=1024)
+        assert ds.PixelData == dcmread(study.paths[0]).PixelData

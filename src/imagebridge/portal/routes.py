@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from imagebridge.accounts.permissions import Permission
@@ -28,6 +28,7 @@ from imagebridge.index.query import QueryError
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.portal import admin, pages, studies, transfers
 from imagebridge.portal.pages import Section, fragment, render
+from imagebridge.storage.blobs import read_chunks
 
 router = APIRouter(tags=["portal"], include_in_schema=False)
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -278,15 +279,13 @@ def report(report_id: int, actor: ViewingPart, hub: HubDep) -> Response:
             **actor.audit(),
         )
         sha, media_type = found.blob_sha256, found.media_type
-    path = hub.blobs.local_path(sha)
-    if path is None:
-        raise HTTPException(404, "the report's file is not held here")
     charset = "; charset=utf-8" if media_type == "text/plain" else ""
-    return FileResponse(
-        path,
-        media_type=media_type + charset,
-        headers={**pages.NO_STORE, "Content-Disposition": "inline"},
-    )
+    headers = {**pages.NO_STORE, "Content-Disposition": "inline"}
+    path = hub.blobs.local_path(sha)
+    if path is None:  # in an object store: streamed from there
+        body = read_chunks(hub.blobs, sha)
+        return StreamingResponse(body, media_type=media_type + charset, headers=headers)
+    return FileResponse(path, media_type=media_type + charset, headers=headers)
 
 
 # -- administration -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import boto3
 from botocore.config import Config
@@ -269,21 +269,24 @@ class S3BlobStore:
     def open(self, sha256: str) -> BinaryIO:
         """A seekable stream of the blob, fetched as it is read (never all in memory);
         FileNotFoundError if the store does not hold it."""
-        reader = S3ObjectReader(self.client, self.bucket, self.key_for(sha256))
-        return io.BufferedReader(reader, buffer_size=CHUNK)
+        # Not wrapped in io.BufferedReader: pydicom takes one for a named file on disk and
+        # would reopen it by name; this reader buffers by itself.
+        return cast(BinaryIO, S3ObjectReader(self.client, self.bucket, self.key_for(sha256)))
 
     def local_path(self, sha256: str) -> Path | None:
         return None
 
 
 class S3ObjectReader(io.RawIOBase):
-    """An object read through one GET that streams from the current position; a seek
-    elsewhere starts a ranged GET there on the next read. DICOM readers seek little and
-    mostly forward, so most reads cost no request at all."""
+    """An object read through one GET that streams from the current position, a chunk
+    ahead; a seek outside that chunk starts a ranged GET there on the next read. DICOM
+    readers seek little and mostly forward, so most reads cost no request at all."""
 
     def __init__(self, client: S3Client, bucket: str, key: str) -> None:
         self._client, self._bucket, self._key = client, bucket, key
-        self._pos = 0
+        self._pos = 0  # the reader's position
+        self._ahead = b""  # bytes from the body not read yet, from _pos on
+        self._used = 0  # how much of _ahead was read
         self._body: Any = None
         self._size = 0
         self._open_body()  # sizes the object, and finds it missing, with the first request
@@ -307,6 +310,7 @@ class S3ObjectReader(io.RawIOBase):
         self._body = answer["Body"]
 
     def _drop_body(self) -> None:
+        self._ahead, self._used = b"", 0
         if self._body is not None:
             self._body.close()
             self._body = None
@@ -325,20 +329,26 @@ class S3ObjectReader(io.RawIOBase):
         position = base + offset
         if position < 0:
             raise ValueError("negative seek position")
-        if position != self._pos:
+        skip = position - self._pos
+        if 0 <= skip <= len(self._ahead) - self._used:
+            self._used += skip  # within what was read ahead
+        else:
             self._drop_body()
-            self._pos = position
+        self._pos = position
         return position
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        want = min(len(view), self._size - self._pos)
-        if want <= 0:
-            return 0
-        data = self._read_body(want)
-        view[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        if self._used == len(self._ahead):
+            want = min(max(len(view), CHUNK), self._size - self._pos)
+            if want <= 0:
+                return 0
+            self._ahead, self._used = self._read_body(want), 0
+        n = min(len(view), len(self._ahead) - self._used)
+        view[:n] = self._ahead[self._used : self._used + n]
+        self._used += n
+        self._pos += n
+        return n
 
     def _read_body(self, want: int) -> bytes:
         for attempt in (1, 2):

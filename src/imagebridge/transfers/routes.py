@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,7 @@ from imagebridge.hub.auth import GatewayActor, Sender, Tracker, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
-from imagebridge.storage.blobs import BlobMismatch, BlobWriter
+from imagebridge.storage.blobs import BlobMismatch, BlobStore, BlobWriter
 from imagebridge.storage.models import Blob
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import (
@@ -344,6 +345,18 @@ async def upload_instances(
             writer.abort()
 
 
+def _held(blobs: BlobStore, sha: str) -> tuple[Header, int]:
+    """The header and size of a blob sent by reference: from its file, or streamed from an
+    object store."""
+    if not blobs.exists(sha):
+        raise BadDataset("the hub does not hold this blob; send its bytes")
+    path = blobs.local_path(sha)
+    if path is not None:
+        return read_header(path), path.stat().st_size
+    with blobs.open(sha) as fh:
+        return read_header(fh), fh.seek(0, io.SEEK_END)
+
+
 def _ingest(
     hub: Hub, transfer_id: str, staged: list[tuple[str, BlobWriter | None]], actor: Actor
 ) -> dict[str, Any]:
@@ -353,10 +366,8 @@ def _ingest(
     for sha, writer in staged:
         try:
             if writer is None:
-                path = hub.blobs.local_path(sha)
-                if path is None or not hub.blobs.exists(sha):
-                    raise BadDataset("the hub does not hold this blob; send its bytes")
-                ready.append((read_header(path), sha, path.stat().st_size))
+                header, size = _held(hub.blobs, sha)
+                ready.append((header, sha, size))
             else:
                 checked.append((read_header(writer.staged_path()), sha, writer))
         except BadDataset as exc:
