@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -120,6 +120,17 @@ class SeaweedServer:
             aws_secret_access_key=self.secret_key,
             config=Config(region_name=REGION, s3={"addressing_style": "path"}),
         )
+
+    def blob_store(self, bucket: str, **more: Any) -> dict[str, Any]:
+        """The hub's [blob_store] settings for a bucket here; the secret is left to the
+        environment (IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY)."""
+        return {
+            "kind": "s3",
+            "endpoint_url": self.endpoint_url,
+            "bucket": bucket,
+            "access_key_id": self.access_key,
+            **more,
+        }
 
     def create_bucket(self) -> str:
         name = f"ib-test-{next(self._buckets)}"

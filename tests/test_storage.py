@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -23,7 +25,6 @@ from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import (
     BlobMismatch,
     BlobStore,
-    BlobStoreError,
     BlobWriter,
     LocalBlobStore,
     blob_name,
@@ -286,33 +287,21 @@ def test_staged_bytes_changed_before_upload_store_nothing(s3: Backend, size: int
     assert s3.leftovers() == []
 
 
-def test_open_blob_store_from_settings(seaweedfs: SeaweedServer, tmp_path: Path) -> None:
+def test_open_blob_store_from_settings(
+    seaweedfs: SeaweedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """[blob_store] in the hub's file, the secret from the environment."""
     bucket = seaweedfs.create_bucket()
     config = tmp_path / "hub.toml"
-    store_settings = {
-        "kind": "s3",
-        "endpoint_url": seaweedfs.endpoint_url,
-        "bucket": bucket,
-        "access_key_id": seaweedfs.access_key,
-    }
-    write_toml(config, {"data_dir": "hub", "blob_store": store_settings})
-    env = "IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY"
-    os.environ[env] = seaweedfs.secret_key
-    try:
-        store = open_blob_store(HubSettings.load(config))
-    finally:
-        del os.environ[env]
+    write_toml(config, {"data_dir": "hub", "blob_store": seaweedfs.blob_store(bucket)})
+    monkeypatch.setenv("IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    store = open_blob_store(HubSettings.load(config))
     assert isinstance(store, S3BlobStore) and store.bucket == bucket
     staged(store, b"hello").commit()
     keys = [o["Key"] for o in seaweedfs.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [f"blobs/{blob_name(sha(b'hello'))}"]
     assert list((tmp_path / "hub" / "blobs" / "tmp").iterdir()) == []  # staged there
 
-    wrong = {**store_settings, "secret_access_key": "wrong"}
-    settings = HubSettings.load(config, blob_store=wrong)
-    with pytest.raises(BlobStoreError, match=bucket):
-        open_blob_store(settings)
     with pytest.raises(ValueError, match="needs a bucket"):
         HubSettings(blob_store={"kind": "s3"})  # type: ignore[arg-type]
 
@@ -330,3 +319,27 @@ def test_pydicom_reads_a_blob_with_values_deferred(backend: Backend, tmp_path: P
     with backend.store.open(digest) as fh:
         ds = dcmread(fh, defer_size=1024)
         assert ds.PixelData == dcmread(study.paths[0]).PixelData
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("wrong secret", "access refused"), ("no bucket", "no such bucket")],
+)
+def test_the_hub_will_not_start_on_a_bucket_it_cannot_use(
+    seaweedfs: SeaweedServer, tmp_path: Path, case: str, reason: str
+) -> None:
+    """It stops at once, saying why, instead of failing on the first blob."""
+    bucket = seaweedfs.create_bucket() if case == "wrong secret" else "ib-never-made"
+    config = tmp_path / "hub.toml"
+    write_toml(config, {"data_dir": "hub", "blob_store": seaweedfs.blob_store(bucket)})
+    secret = "wrong" if case == "wrong secret" else seaweedfs.secret_key
+    done = subprocess.run(
+        [sys.executable, "-m", "imagebridge", "hub", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY": secret},
+    )
+    assert done.returncode != 0
+    assert f"S3 bucket '{bucket}' at {seaweedfs.endpoint_url}: {reason}" in done.stderr
+    assert "Traceback" not in done.stderr and secret not in done.stderr

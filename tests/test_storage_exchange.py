@@ -45,15 +45,8 @@ SECRET_ENV = "IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY"
 
 
 def store_settings(seaweedfs: SeaweedServer, bucket: str) -> dict[str, Any]:
-    """What goes in the hub's [blob_store]; the secret stays in the environment."""
-    return {
-        "kind": "s3",
-        "endpoint_url": seaweedfs.endpoint_url,
-        "bucket": bucket,
-        "access_key_id": seaweedfs.access_key,
-        "multipart_threshold": 5 * MiB,
-        "multipart_part_size": 5 * MiB,
-    }
+    """Objects over 5 MiB (the smallest part S3 allows) go in parts of that size."""
+    return seaweedfs.blob_store(bucket, multipart_threshold=5 * MiB, multipart_part_size=5 * MiB)
 
 
 def bucket_digests(seaweedfs: SeaweedServer, bucket: str) -> dict[str, str]:

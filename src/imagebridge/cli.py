@@ -47,6 +47,7 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
     """Run the hub: HTTP API, directory, index, blob store, transfers and audit."""
     from imagebridge.hub.server import make_server
     from imagebridge.pki.tls import TLSConfigError
+    from imagebridge.storage.blobs import BlobStoreError
 
     _logging(verbose)
     overrides: dict[str, Any] = {}
@@ -57,7 +58,7 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
     settings = HubSettings.load(config, **overrides)
     try:
         server = make_server(settings)
-    except TLSConfigError as exc:
+    except (TLSConfigError, BlobStoreError) as exc:
         raise click.ClickException(str(exc)) from None
     scheme = "https" if settings.tls_cert else "http"
     click.echo(f"hub on {scheme}://{settings.host}:{settings.port} (API docs at /docs)", err=True)

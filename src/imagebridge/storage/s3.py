@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_BUCKET_ERRORS = {
+    "403": "access refused (check the access key and secret)",
+    "404": "no such bucket (it is made beforehand)",
+}
 
 
 def _code(exc: ClientError) -> str:
@@ -135,8 +139,14 @@ class S3BlobStore:
 
     def check(self) -> None:
         """Fail now, with the reason, if the bucket cannot be reached with these credentials."""
-        with _s3_errors(f"bucket {self.bucket!r}"):
+        where = f"S3 bucket {self.bucket!r} at {self.client.meta.endpoint_url}"
+        try:
             self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            why = _BUCKET_ERRORS.get(_code(exc), _code(exc))
+            raise BlobStoreError(f"{where}: {why}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"{where}: {exc}") from exc
 
     def key_for(self, sha256: str) -> str:
         name = blob_name(sha256)
