@@ -24,6 +24,8 @@ TEST_SERVER_OPTIONS = {
     "full_page_writes": "off",
     # Every hub has a pool of up to 30 connections, and a test may run several hubs.
     "max_connections": "400",
+    # Sessions answer in a zone that is never UTC, so a time handled without its zone shows.
+    "timezone": "Asia/Kolkata",
 }
 
 

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -39,9 +40,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        # PostgreSQL answers in the session's time zone, which need not be UTC.
+        return value.astimezone(UTC)
 
 
 def utcnow() -> datetime:
@@ -85,6 +89,33 @@ def _sqlite_begin_immediate(conn: Any) -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def take_turns(session: Session, area: int, key: int) -> None:
+    """Make the transactions that write under the same (area, key) run one after another,
+    each holding its turn until it ends.
+
+    SQLite runs one writer at a time already (BEGIN IMMEDIATE). PostgreSQL runs them together,
+    and two transactions that each look for a row, find none and insert it would both insert;
+    a transaction-scoped advisory lock makes the second look after the first has committed.
+    Both keys are 32-bit integers, `area` naming what the lock guards.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:area, :key)"), {"area": area, "key": key}
+        )
+
+
+def insert_missing(session: Session, entity: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert the rows whose key is not taken yet; leave the others as they are.
+
+    ON CONFLICT DO NOTHING, where looking first and then inserting would fail on PostgreSQL
+    when another transaction inserts the same key in between.
+    """
+    if not rows:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(entity).on_conflict_do_nothing(), rows)
 
 
 @contextmanager

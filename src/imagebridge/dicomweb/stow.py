@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
@@ -25,7 +24,7 @@ from imagebridge.dicomweb.media import DICOM
 from imagebridge.hub.state import Hub
 from imagebridge.index.services import IdentityConflict, index_instances
 from imagebridge.storage.blobs import BlobMismatch, BlobWriter
-from imagebridge.storage.models import Blob
+from imagebridge.storage.services import ensure_blob_rows
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def store(
             ready.append((part, header, result[0], result[1]))
     stored: list[tuple[StagedPart, Header]] = []
     with hub.sessions() as session, session.begin():
-        _ensure_blob_rows(session, {sha: size for _, _, sha, size in ready})
+        ensure_blob_rows(session, {sha: size for _, _, sha, size in ready})
         results = index_instances(
             session, actor.institution_id, [(h, sha, size) for _, h, sha, size in ready]
         )
@@ -192,12 +191,6 @@ def _check(part: StagedPart, study: str | None) -> tuple[Failure | None, Header 
     if study is not None and header.study_instance_uid != study:
         return Failure(DOES_NOT_MATCH, "the instance belongs to another study than the URL's"), None
     return None, header
-
-
-def _ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
-    held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(sizes))))
-    if rows := [{"sha256": sha, "size": size} for sha, size in sizes.items() if sha not in held]:
-        session.execute(insert(Blob), rows)
 
 
 def _audit(

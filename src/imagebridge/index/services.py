@@ -8,7 +8,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from imagebridge.db import utcnow
+from imagebridge.db import take_turns, utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.nhs import normalise_nhs_number
@@ -53,6 +53,8 @@ _INSTANCES = cast(Table, Instance.__table__)
 # Executed with one parameter set per row: SET takes the columns each set names.
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("row_id"))
 _KEY = ("series_id", "sop_instance_uid")
+# take_turns area for filing an institution's instances ("IBIX").
+INDEX_TURN = 0x49424958
 
 
 def index_instances(
@@ -67,6 +69,9 @@ def index_instances(
     is written, so a refusal leaves no partial record. Instances are written with one
     statement per batch, not one ORM object each: this runs for every instance received.
     """
+    # One batch at a time per institution: each looks for its patient, study and series rows
+    # before inserting them, and two at once would insert the same rows twice.
+    take_turns(session, INDEX_TURN, institution_id)
     cache = _Cache()
     placed: list[tuple[Series, Header, str, int] | IdentityConflict] = []
     for header, sha, size in items:

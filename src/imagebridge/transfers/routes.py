@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -22,7 +22,7 @@ from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
 from imagebridge.storage.blobs import BlobMismatch, BlobStore, BlobWriter
-from imagebridge.storage.models import Blob
+from imagebridge.storage.services import ensure_blob_rows
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import (
     MEDIA_TYPE,
@@ -266,7 +266,7 @@ def _store_report(
         except TransferError as exc:
             raise HTTPException(409, str(exc)) from exc
         sha, size = writer.commit()
-        _ensure_blob_rows(session, {sha: size})
+        ensure_blob_rows(session, {sha: size})
         try:
             report = services.add_report(
                 session,
@@ -284,12 +284,6 @@ def _store_report(
         out = {"id": report.id, "sha256": sha, "study_instance_uid": report.study_instance_uid}
     hub.notifier.nudge(receiver_id)
     return out
-
-
-def _ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
-    held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(sizes))))
-    if rows := [{"sha256": sha, "size": size} for sha, size in sizes.items() if sha not in held]:
-        session.execute(insert(Blob), rows)
 
 
 @router.post(
@@ -380,7 +374,7 @@ def _ingest(
             ready.append((header, outcome[0], outcome[1]))
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender")
-        _ensure_blob_rows(session, {sha: size for _, sha, size in ready})
+        ensure_blob_rows(session, {sha: size for _, sha, size in ready})
         try:
             result = services.add_instances(session, transfer, ready, actor)
         except TransferError as exc:

@@ -43,6 +43,16 @@ class TransferError(ValueError):
     """A request the transfer engine refuses, with the reason in plain words."""
 
 
+def _take_turn(session: Session, transfer: Transfer) -> None:
+    """Hold the transfer's row to the end of the transaction, reading it afresh.
+
+    Requests on one transfer (uploads, deliveries, close, retry) add to its counts and move
+    its status. On PostgreSQL two at once would both start from the same old values; SQLite
+    has one writer at a time anyway (and no row locks: there this is a plain reread).
+    """
+    session.refresh(transfer, with_for_update=True)
+
+
 def create_transfer(
     session: Session,
     *,
@@ -141,6 +151,7 @@ def add_instances(
     nhs_issuer: str = "NHS",
 ) -> IngestResult:
     """Index received instances and attach them to a transfer still receiving."""
+    _take_turn(session, transfer)
     if transfer.status != TransferStatus.receiving:
         raise TransferError(f"transfer is {transfer.status}, no longer receiving")
     result = IngestResult()
@@ -244,6 +255,7 @@ def add_instances(
 
 def close_transfer(session: Session, transfer: Transfer, actor: Actor) -> None:
     """The sender has sent everything: the transfer is complete at the hub."""
+    _take_turn(session, transfer)
     if transfer.status != TransferStatus.receiving:
         return
     transfer.received_at = utcnow()
@@ -274,6 +286,7 @@ def add_report(
     size: int,
     actor: Actor,
 ) -> Report:
+    _take_turn(session, transfer)
     if media_type not in REPORT_MEDIA_TYPES:
         raise TransferError("a report is application/pdf or text/plain")
     study_instance_uid = report_study(session, transfer, study_instance_uid)
@@ -396,6 +409,8 @@ def next_work(
             )
             .order_by(TransferInstance.id)
             .limit(limit)
+            # Another hub process may be leasing this transfer's items right now: take others.
+            .with_for_update(of=TransferInstance, skip_locked=True)
         ).all()
         items = [WorkItem(*row) for row in rows]
         if items:
@@ -431,11 +446,17 @@ def _report_work(session: Session, transfer: Transfer, lease: Any) -> list[Repor
         return []
     now = utcnow()
     out: list[ReportItem] = []
-    for report in transfer.reports:
-        if report.status != ItemStatus.pending or (
-            report.lease_until is not None and report.lease_until > now
-        ):
-            continue
+    free = session.scalars(
+        select(Report)
+        .where(
+            Report.transfer_id == transfer.id,
+            Report.status == ItemStatus.pending,
+            or_(Report.lease_until.is_(None), Report.lease_until <= now),
+        )
+        .order_by(Report.id)
+        .with_for_update(skip_locked=True)
+    )
+    for report in free:
         template = session.scalar(
             select(TransferInstance.blob_sha256)
             .join(Instance, Instance.id == TransferInstance.instance_id)
@@ -502,6 +523,7 @@ def record_deliveries(
     reports: list[Outcome],
     actor: Actor,
 ) -> None:
+    _take_turn(session, transfer)
     now = utcnow()
     by_id = {o.id: o for o in instances}
     pending = (
@@ -604,6 +626,7 @@ def record_deliveries(
 
 def retry_failed(session: Session, transfer: Transfer, actor: Actor) -> int:
     """Put failed items back in the queue."""
+    _take_turn(session, transfer)
     result = session.execute(
         update(TransferInstance)
         .where(

@@ -1,0 +1,180 @@
+"""Requests that write the same rows at the same moment, as several hub processes sharing one
+PostgreSQL do: each worker has its own engine, and they start together. SQLite lets one
+writer in at a time; on PostgreSQL (IMAGEBRIDGE_TEST_DATABASE=postgresql) only the hub's own
+locks keep them from inserting a row twice, losing a count or leasing an item twice."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from imagebridge.actors import Actor
+from imagebridge.agreements.services import record_agreement
+from imagebridge.audit.models import AuditEvent
+from imagebridge.db import make_engine, make_sessionmaker, transaction
+from imagebridge.demo.synthetic import generate_ct_study
+from imagebridge.dicom.part10 import Header, read_header
+from imagebridge.index.models import Instance, Patient, Series, Study
+from imagebridge.index.services import index_instances
+from imagebridge.institutions.models import Institution
+from imagebridge.institutions.services import create_institution
+from imagebridge.migrate import upgrade
+from imagebridge.storage.models import Blob
+from imagebridge.storage.services import ensure_blob_rows
+from imagebridge.transfers import services
+from imagebridge.transfers.models import Transfer, TransferStatus
+
+WORKERS = 4
+T = TypeVar("T")
+
+
+@dataclass
+class Hub:
+    url: str
+    sessions: sessionmaker[Session]
+    seg: int
+    rvh: int
+    items: list[tuple[Header, str, int]]  # one study of 8 instances, as indexing takes them
+
+    def gateway(self, institution_id: int) -> Actor:
+        return Actor("gateway", "gw", institution_id)
+
+    def at_once(self, work: Callable[[int, Session], T]) -> list[T]:
+        """Run work(worker, session) in WORKERS threads, each with its own engine and one
+        transaction, released together; every worker's error fails the test."""
+        results: list[Any] = [None] * WORKERS
+        errors: list[BaseException] = []
+        start = threading.Barrier(WORKERS)
+
+        def run(worker: int) -> None:
+            engine = make_engine(self.url)
+            try:
+                with engine.connect():  # connected before the start, not after it
+                    pass
+                start.wait()
+                with transaction(make_sessionmaker(engine)) as session:
+                    results[worker] = work(worker, session)
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+            finally:
+                engine.dispose()
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(WORKERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        return results
+
+    def count(self, entity: Any) -> int:
+        with self.sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(entity)) or 0)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, database_url: str) -> Iterator[Hub]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    ids = []
+    with transaction(sessions) as session:
+        for code in ("SEG", "RVH"):
+            institution = create_institution(session, code, code)
+            record_agreement(
+                session,
+                institution,
+                version="1",
+                text_sha256="0" * 64,
+                signatory_name="A Guardian",
+                signatory_role="Caldicott Guardian",
+                signed_on=date(2026, 1, 1),
+                consent_party="sender",
+                recorded_by="test",
+            )
+            ids.append(institution.id)
+    study = generate_ct_study(tmp_path / "ct", slices=2 * WORKERS, rows=16, columns=16)
+    items = [
+        (read_header(p), hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
+        for p in study.paths
+    ]
+    yield Hub(database_url, sessions, ids[0], ids[1], items)
+    engine.dispose()
+
+
+def test_the_same_blobs_recorded_at_once_make_one_row_each(hub: Hub) -> None:
+    sizes = {sha: size for _, sha, size in hub.items}
+    hub.at_once(lambda _, session: ensure_blob_rows(session, sizes))
+    assert hub.count(Blob) == len(sizes)
+
+
+def test_one_study_indexed_at_once_in_parts_is_filed_once(hub: Hub) -> None:
+    with transaction(hub.sessions) as session:
+        ensure_blob_rows(session, {sha: size for _, sha, size in hub.items})
+    hub.at_once(lambda n, session: index_instances(session, hub.seg, hub.items[n::WORKERS]))
+    assert (hub.count(Patient), hub.count(Study), hub.count(Series)) == (1, 1, 1)
+    assert hub.count(Instance) == len(hub.items)
+
+
+def _queued_transfer(hub: Hub) -> str:
+    """A transfer from SEG to RVH with the study, uploaded in parts at once, then closed."""
+    with transaction(hub.sessions) as session:
+        ensure_blob_rows(session, {sha: size for _, sha, size in hub.items})
+        sender, receiver = (session.get_one(Institution, i) for i in (hub.seg, hub.rvh))
+        transfer, _ = services.create_transfer(
+            session, sender=sender, receiver=receiver, actor=hub.gateway(hub.seg), origin="dicom"
+        )
+        transfer_id = transfer.id
+
+    def upload(n: int, session: Session) -> None:
+        transfer = session.get_one(Transfer, transfer_id)
+        services.add_instances(session, transfer, hub.items[n::WORKERS], hub.gateway(hub.seg))
+
+    hub.at_once(upload)
+    with transaction(hub.sessions) as session:
+        transfer = session.get_one(Transfer, transfer_id)
+        assert transfer.instances_total == len(hub.items)
+        assert transfer.bytes_total == sum(size for _, _, size in hub.items)
+        services.close_transfer(session, transfer, hub.gateway(hub.seg))
+        assert transfer.status == TransferStatus.queued
+    return transfer_id
+
+
+def test_uploads_to_one_transfer_at_once_are_all_counted(hub: Hub) -> None:
+    _queued_transfer(hub)
+    assert hub.count(Study) == 1
+
+
+def test_work_is_leased_to_one_taker_only_and_every_delivery_counts(hub: Hub) -> None:
+    transfer_id = _queued_transfer(hub)
+
+    def take(_: int, session: Session) -> list[int]:
+        batch = services.next_work(session, hub.rvh, 2, 60)
+        assert batch is not None and batch.transfer.id == transfer_id
+        return [item.id for item in batch.instances]
+
+    leased = hub.at_once(take)
+    assert sorted(i for batch in leased for i in batch) == sorted(set().union(*leased))
+    assert sum(map(len, leased)) == len(hub.items)
+
+    def deliver(n: int, session: Session) -> None:
+        transfer = session.get_one(Transfer, transfer_id)
+        outcomes = [services.Outcome(i, "delivered") for i in leased[n]]
+        services.record_deliveries(session, transfer, outcomes, [], hub.gateway(hub.rvh))
+
+    hub.at_once(deliver)
+    with hub.sessions() as session:
+        transfer = session.get_one(Transfer, transfer_id)
+        assert transfer.instances_delivered == len(hub.items)
+        assert transfer.status == TransferStatus.delivered
+        done = select(func.count()).where(AuditEvent.action == "transfer:transfer:delivered")
+        assert session.scalar(done) == 1
