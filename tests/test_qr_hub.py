@@ -12,9 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from hubapp import InProcessHub, Person
+from imagebridge.db import utcnow
 from imagebridge.demo.synthetic import generate_ct_study
+from imagebridge.institutions.models import Gateway
 from imagebridge.institutions.services import get_institution
 from imagebridge.queries import services
 from imagebridge.queries.models import GatewayTask, TaskKind, TaskStatus
@@ -58,12 +61,23 @@ def _sources(net: InProcessHub, code: str, keys: dict[str, str]) -> tuple[set[in
 def test_a_query_reaches_discoverable_institutions_in_force_with_a_gateway(
     net: InProcessHub,
 ) -> None:
+    for code in ("SEG", "LOK"):  # live gateways call the hub all the time
+        r = net.client().get("/api/v1/gateway/config", headers=_gateway(net, code))
+        assert r.status_code == 200
     seen, asked = _sources(net, "RVH", {"PatientID": NHS, "IssuerOfPatientID": "NHS"})
     # LOK lets only SEG discover it; NOA's agreement is withdrawn; OFF has no gateway, so
     # only its studies in the hub are seen.
     assert seen == {_id(net, c) for c in ("RVH", "SEG", "OFF")}
     assert asked == ["SEG"]
     assert _sources(net, "SEG", {})[1] == ["LOK"]
+    # A gateway silent for minutes is off: asking it would make every query wait.
+    with net.hub.sessions() as session, session.begin():
+        session.execute(
+            update(Gateway)
+            .where(Gateway.institution_id == _id(net, "SEG"))
+            .values(last_seen_at=utcnow() - timedelta(minutes=10))
+        )
+    assert _sources(net, "RVH", {"PatientID": NHS, "IssuerOfPatientID": "NHS"})[1] == []
 
 
 def test_a_local_patient_id_stays_at_home(net: InProcessHub) -> None:

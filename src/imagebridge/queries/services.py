@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from imagebridge.actors import Actor
 from imagebridge.agreements.services import institutions_in_force
 from imagebridge.audit.services import record
+from imagebridge.db import utcnow
 from imagebridge.index.models import Instance, Series, Study
 from imagebridge.index.query import (
     COUNTS,
@@ -34,6 +35,8 @@ from imagebridge.queries.models import FINISHED, GatewayTask, TaskKind, TaskStat
 # A fetch a gateway took but never answered (it stopped) is handed out again after this.
 FETCH_LEASE_SECONDS = 600.0
 FETCH_ATTEMPTS = 3
+# A gateway polls the hub without pause; one silent for longer is off, not slow.
+GATEWAY_RECENT_SECONDS = 120.0
 # A fetch nobody could run within this time is dropped.
 FETCH_EXPIRY_SECONDS = 24 * 3600.0
 # The key that makes two answers the same entity, per level.
@@ -67,7 +70,11 @@ def network_scope(
         return Scope(frozenset({institution_id}), None), []
     others = (discoverable_by(session, institution_id) & in_force) - {institution_id}
     scope = Scope(frozenset({institution_id} | others), institution_id)
-    with_gateway = select(Gateway.institution_id).where(Gateway.revoked_at.is_(None))
+    # Only gateways heard from lately: asking one that is off would make every query wait.
+    recent = utcnow() - timedelta(seconds=GATEWAY_RECENT_SECONDS)
+    with_gateway = select(Gateway.institution_id).where(
+        Gateway.revoked_at.is_(None), Gateway.last_seen_at > recent
+    )
     sources = session.scalars(
         select(Institution)
         .where(Institution.id.in_(others), Institution.id.in_(with_gateway))
