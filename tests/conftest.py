@@ -17,7 +17,7 @@ from sqlalchemy import text
 from imagebridge.db import make_engine
 from imagebridge.demo.network import Network, free_port
 from imagebridge.demo.pacs import MiniPacs
-from pg import PostgresServer
+from pg import HubDatabases, PostgresServer
 from seaweed import SeaweedServer, weed_path
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -68,7 +68,7 @@ def hub_databases(request: pytest.FixtureRequest) -> Iterator[None]:
     if TEST_DATABASE != "postgresql":
         yield
         return
-    Network.databases = request.getfixturevalue("postgres_server")
+    Network.databases = HubDatabases(request.getfixturevalue("postgres_server"))
     try:
         yield
     finally:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import psycopg
 
+from imagebridge.db import make_engine
 from imagebridge.demo.network import free_port, wait_for_port
+from imagebridge.migrate import upgrade
 
 # A test server loses nothing worth keeping in a crash: skip the disk flushes that would
 # otherwise dominate a run of short transactions. (The product's settings are not these.)
@@ -86,9 +88,9 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def create(self) -> str:
+    def create(self, template: str = "template1") -> str:
         name = f"ib_{next(self._names)}"
-        self._admin(f"CREATE DATABASE {name}")
+        self._admin(f"CREATE DATABASE {name} TEMPLATE {template}")
         return self.url(name)
 
     def drop(self, url: str) -> None:
@@ -100,3 +102,27 @@ class PostgresServer:
         conninfo = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
         with psycopg.connect(conninfo, autocommit=True) as connection:
             connection.execute(statement.encode())
+
+
+class HubDatabases:
+    """A database for each hub the tests start, copied from one migrated once per session:
+    a copy takes a tenth of the time the migrations take. (The migrations themselves are
+    tested on empty databases.)"""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self.template = ""
+
+    def create(self) -> str:
+        if not self.template:
+            url = self.server.create()
+            engine = make_engine(url)
+            try:
+                upgrade(engine)
+            finally:
+                engine.dispose()
+            self.template = url.rsplit("/", 1)[-1]
+        return self.server.create(self.template)
+
+    def drop(self, url: str) -> None:
+        self.server.drop(url)
