@@ -81,7 +81,7 @@ class HubDatabases(Protocol):
     """A database server that gives each new hub an empty database of its own."""
 
     def create(self) -> str:
-        """Make an empty database; answer its SQLAlchemy URL."""
+        """Make a database for a new hub (empty, or at the newest schema); answer its URL."""
         ...
 
     def drop(self, url: str) -> None: ...
