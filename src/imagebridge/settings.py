@@ -342,6 +342,12 @@ class GatewaySettings(_TomlSettings):
     study_stable_seconds: float = Field(
         2.0, description="Quiet time after an association before a study's transfer is closed"
     )
+    study_resend_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="After an aborted association, how long a study's transfer waits for the "
+        "PACS to send again before it closes as interrupted (never reported complete)",
+    )
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     spool_min_free_bytes: int = Field(256 * 1024 * 1024, description="Refuse C-STORE below this")

@@ -75,6 +75,9 @@ class Deliverer:
         self._in_use: Counter[str] = Counter()
         self._pacs_ok = threading.Event()
         self._pacs_ok.set()
+        # Batches leased and not yet reported: releasing leases must wait until none is.
+        self._held = 0
+        self._held_changed = threading.Condition()
         self._mrn_lookup = IndexedMrnLookup(hub, settings.reconciliation.mrn_map)
 
     def start(self) -> None:
@@ -103,7 +106,10 @@ class Deliverer:
         released = False
         while not self._stop.is_set():
             if not released:
-                # Work leased by this gateway before a restart would wait for its lease.
+                # Work leased by this gateway before a restart, or by an answer that never
+                # arrived (the hub went down mid-reply), would wait for its lease to expire.
+                if not self._none_held():
+                    continue
                 try:
                     self.hub.release_leases()
                     released = True
@@ -119,6 +125,7 @@ class Deliverer:
             except (HubUnavailable, HubError) as exc:
                 delay = hub_backoff.failed()
                 log.warning("cannot reach the hub for work (%s); retrying in %.1f s", exc, delay)
+                released = False
                 self._stop.wait(delay)
                 continue
             if work["transfer"] is None:
@@ -127,15 +134,26 @@ class Deliverer:
                 with self._cache_lock:
                     prepared = self._prepare(work)
             except (HubUnavailable, HubError) as exc:
-                log.warning("download failed (%s); the lease will expire and be retried", exc)
+                log.warning("download failed (%s); the batch goes back to the hub", exc)
+                released = False
                 self._stop.wait(hub_backoff.failed())
                 continue
+            self._hold(1)
             while not self._stop.is_set():
                 try:
                     self._queue.put(prepared, timeout=0.5)
                     break
                 except queue.Full:
                     continue
+
+    def _hold(self, change: int) -> None:
+        with self._held_changed:
+            self._held += change
+            self._held_changed.notify_all()
+
+    def _none_held(self) -> bool:
+        with self._held_changed:
+            return self._held_changed.wait_for(lambda: self._held == 0, timeout=0.5)
 
     def _prepare(self, work: dict[str, Any]) -> Prepared:
         transfer = work["transfer"]
@@ -237,6 +255,7 @@ class Deliverer:
             except queue.Empty:
                 continue
             self._deliver(prepared)
+            self._hold(-1)
 
     def _deliver(self, p: Prepared) -> None:
         files = [f for _, f in p.instances] + [f for _, f, _ in p.reports]
@@ -309,6 +328,7 @@ class Deliverer:
         for path in queued.files:
             path.unlink(missing_ok=True)
         self._release(queued, evict=False)
+        self._hold(-1)
 
     def _release(self, p: Prepared, *, evict: bool) -> None:
         """A batch is done with its blobs. Delivered ones leave the cache unless another batch

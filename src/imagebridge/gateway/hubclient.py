@@ -103,8 +103,13 @@ class HubClient:
         )
         return result
 
-    def close_transfer(self, transfer_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", f"/api/v1/transfers/{transfer_id}/close")
+    def close_transfer(
+        self, transfer_id: str, declared: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``declared``: instances_declared, declared_by, interrupted (see the hub's route)."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/api/v1/transfers/{transfer_id}/close", json=declared
+        )
         return result
 
     def work(self, limit: int, wait: float) -> dict[str, Any]:

@@ -295,8 +295,10 @@ class StorageSCP:
             state = self._states.pop(id(event.assoc), None)
         if state is None:
             return
-        self.spool.association_ended(state.transfers)
-        aborted = event.event is evt.EVT_ABORTED
+        # Anything but a release (an A-ABORT, a dropped connection) leaves the study open
+        # for the PACS to send again what got no answer.
+        aborted = event.event is not evt.EVT_RELEASED
+        self.spool.association_ended(state.transfers, aborted=aborted)
         for (patient, study), count in state.studies.items():
             # One event per study and association, like ATNA's "DICOM Instances Transferred".
             self.journal.write(

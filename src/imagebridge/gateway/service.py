@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from imagebridge.gateway.completeness import StudyCounts
 from imagebridge.gateway.delivery import Deliverer
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
@@ -39,6 +40,10 @@ class Gateway:
         fetches = MoveInbox()
         self.scp = StorageSCP(settings, self.spool, self.routing, self.journal, fetches)
         self.uploader = Uploader(settings, self.spool, self.hub, self.journal)
+        # Studies cut off by an aborted association: the PACS's own count says when complete.
+        self.study_counts = (
+            StudyCounts(settings, settings.pacs_qr, self.spool) if settings.pacs_qr else None
+        )
         self.deliverer = Deliverer(
             settings,
             HubClient(settings.hub_url, settings.token, tls=tls),
@@ -73,6 +78,8 @@ class Gateway:
         self.refresh_routes()
         self.port = self.scp.start()
         self.uploader.start()
+        if self.study_counts is not None:
+            self.study_counts.start()
         self.deliverer.start()
         self.tasks.start()
         self._refresher.start()
@@ -90,6 +97,8 @@ class Gateway:
         self._stop.set()
         self.scp.stop()
         self.uploader.stop()
+        if self.study_counts is not None:
+            self.study_counts.stop()
         self.deliverer.stop()
         self.tasks.stop()
         self.qr.stop()

@@ -5,12 +5,21 @@ Layout under ``<data_dir>/spool``::
     tmp/                       files being written
     out/<local id>/meta.json   one folder per outbound transfer (destination, priority, study)
     out/<local id>/<sha>.dcm   instances not yet confirmed by the hub, named by SHA-256
+    out/<local id>/instances   "<sha> <SOP Instance UID>" of every instance acknowledged
     refused/<sha>.dcm + .json  instances the hub refused, kept for a human, with the reason
     free/                      files of uploaded instances, kept to be written over
 
 An instance is acknowledged only once its file and folder entry are fsync'd, so it survives
 a crash; a file cut short by one (never acknowledged) no longer hashes to its name, and is
 removed when the spool is recovered.
+
+A transfer closes once the study is complete as far as the gateway can tell: its associations
+have ended and it has been quiet for ``study_stable_seconds``. An association that was aborted
+(or cut by a crash of the gateway) means more may be coming: the sending PACS sends again what
+got no success answer. Such a transfer waits longer, until a later association is released
+normally, the PACS's own count of the study is reached, or the wait for a resend is over.
+It then declares how many instances it carries: the hub delivers it as complete only once
+the receiver confirms that many.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagebridge.dicom.part10 import file_meta
+from imagebridge.dicom.part10 import BadDataset, file_meta, read_header
 from imagebridge.fsutil import fsync_path
 
 
@@ -46,10 +55,18 @@ class Outbound:
     created_at: float
     hub_id: str | None = None
     closed: bool = False
+    # Associations that touched the transfer and have not ended; kept on disk, so that those
+    # a crash cut off are known after it.
+    active_associations: int = 0
+    interrupted: bool = False  # an association was aborted: a resend may follow
+    declared: int | None = None  # set at close: the instances the study is said to have
+    declared_by: str = ""
     # In memory only:
     pending: dict[str, Path] = field(default_factory=dict)
+    acknowledged: dict[str, str] = field(default_factory=dict)  # digest -> SOP Instance UID
+    pacs_count: int | None = None  # the sending PACS's count of the study, when asked
+    pacs_asked_at: float = -1e9
     in_flight: set[str] = field(default_factory=set)
-    active_associations: int = 0
     last_instance_at: float = field(default_factory=time.monotonic)
 
     def meta(self) -> dict[str, Any]:
@@ -62,7 +79,16 @@ class Outbound:
             "created_at": self.created_at,
             "hub_id": self.hub_id,
             "closed": self.closed,
+            "active_associations": self.active_associations,
+            "interrupted": self.interrupted,
+            "declared": self.declared,
+            "declared_by": self.declared_by,
         }
+
+    @property
+    def instance_count(self) -> int:
+        """Distinct instances acknowledged to the PACS: one SOP Instance UID sent twice is one."""
+        return len(set(self.acknowledged.values()))
 
 
 def _intact(path: Path) -> bool:
@@ -75,6 +101,15 @@ def _intact(path: Path) -> bool:
         return True
     path.unlink()
     return False
+
+
+def _append(path: Path, line: str) -> None:
+    """One line at the end of a file (O_APPEND: whole, even with several writers)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
@@ -170,9 +205,33 @@ class Spool:
             meta = json.loads(meta_path.read_text())
             t = Outbound(**meta)
             t.pending = {p.stem: p for p in folder.glob("*.dcm") if _intact(p)}
+            t.acknowledged = self._read_acknowledged(folder, t.pending)
             self._transfers[t.local_id] = t
             if not t.closed:
                 self._open[self._key(t)] = t.local_id
+            if t.active_associations:
+                # Associations the crash cut off: their PACS sends again what got no answer.
+                t.active_associations, t.interrupted = 0, True
+                self._save(t)
+
+    def _read_acknowledged(self, folder: Path, pending: dict[str, Path]) -> dict[str, str]:
+        """The list of acknowledged instances; one written without fsync may lack the last
+        few lines after a power cut: those whose file is still here are added again."""
+        listed: dict[str, str] = {}
+        path = folder / "instances"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                digest, _, uid = line.partition(" ")
+                if uid:
+                    listed[digest] = uid
+        for digest, spooled in pending.items():
+            if digest not in listed:
+                try:
+                    listed[digest] = read_header(spooled).sop_instance_uid
+                except BadDataset:
+                    continue
+                _append(path, f"{digest} {listed[digest]}\n")
+        return listed
 
     @contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
@@ -258,7 +317,11 @@ class Spool:
         with self._writing(final):
             reuse = None if final.exists() else self._take_reusable()
             _write_instance(final, meta, dataset, reuse)
+        if digest not in t.acknowledged:
+            # The count the transfer declares; a line survives a crash of the process.
+            _append(self.out / t.local_id / "instances", f"{digest} {sop_instance_uid}\n")
         with self.changed:
+            t.acknowledged[digest] = sop_instance_uid
             t.pending[digest] = final
             t.last_instance_at = time.monotonic()
             self.changed.notify_all()
@@ -280,6 +343,7 @@ class Spool:
                 if local_id not in association:
                     association.add(local_id)
                     t.active_associations += 1
+                    self._save(t)
                 return t
             t = Outbound(
                 local_id=uuid.uuid4().hex,
@@ -288,6 +352,7 @@ class Spool:
                 study_instance_uid=study_uid,
                 calling_ae_title=calling_ae,
                 created_at=time.time(),
+                active_associations=1,
             )
             folder = self.out / t.local_id
             folder.mkdir()
@@ -296,26 +361,60 @@ class Spool:
             self._transfers[t.local_id] = t
             self._open[key] = t.local_id
             association.add(t.local_id)
-            t.active_associations += 1
             return t
 
-    def association_ended(self, local_ids: set[str]) -> None:
+    def association_ended(self, local_ids: set[str], aborted: bool = False) -> None:
+        """An association ended: released normally, or ``aborted`` (then more may come)."""
         with self.changed:
             for local_id in local_ids:
                 t = self._transfers.get(local_id)
                 if t is not None:
                     t.active_associations -= 1
                     t.last_instance_at = time.monotonic()
+                    if aborted:
+                        t.interrupted = True
+                    elif t.active_associations <= 0:
+                        # The sender finished a later association: it has sent again.
+                        t.interrupted = False
+                    self._save(t)
             self.changed.notify_all()
 
-    def close_stable(self, stable_seconds: float) -> None:
-        """Close transfers whose study has been quiet long enough: later arrivals start anew."""
+    def awaiting_resend(self, stable_seconds: float) -> list[Outbound]:
+        """Open transfers cut off by an aborted association, quiet for ``stable_seconds``."""
+        now = time.monotonic()
+        with self.changed:
+            return [
+                t
+                for t in (self._transfers[i] for i in self._open.values())
+                if t.interrupted
+                and t.active_associations <= 0
+                and now - t.last_instance_at >= stable_seconds
+            ]
+
+    def counted_by_pacs(self, t: Outbound, count: int | None) -> None:
+        """The sending PACS's own count of the study: reached, nothing more is coming."""
+        with self.changed:
+            t.pacs_count, t.pacs_asked_at = count, time.monotonic()
+            if count is not None and t.instance_count >= count:
+                t.interrupted = False
+
+    def close_stable(self, stable_seconds: float, resend_seconds: float | None = None) -> None:
+        """Close transfers whose study has been quiet long enough: later arrivals start anew.
+
+        One cut off by an aborted association waits ``resend_seconds`` for the PACS to send
+        again; it then closes as interrupted, unless the PACS's count shows it complete.
+        """
         now = time.monotonic()
         with self.changed:
             for key, local_id in list(self._open.items()):
                 t = self._transfers[local_id]
-                if t.active_associations <= 0 and now - t.last_instance_at >= stable_seconds:
+                quiet = stable_seconds
+                if t.interrupted and resend_seconds is not None:
+                    quiet = max(stable_seconds, resend_seconds)
+                if t.active_associations <= 0 and now - t.last_instance_at >= quiet:
                     t.closed = True
+                    t.declared = max(t.instance_count, t.pacs_count or 0)
+                    t.declared_by = "pacs" if t.pacs_count is not None else "gateway"
                     del self._open[key]
                     self._save(t)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
 from imagebridge.gateway.journal import Journal
@@ -73,7 +74,9 @@ class Uploader:
 
     def step(self) -> bool:
         """Do one unit of work; False when there was nothing to do."""
-        self.spool.close_stable(self.settings.study_stable_seconds)
+        self.spool.close_stable(
+            self.settings.study_stable_seconds, self.settings.study_resend_seconds
+        )
         self._forward_journal()
         for t in self.spool.by_priority():
             if t.hub_id is None and not self._open_on_hub(t):
@@ -90,7 +93,7 @@ class Uploader:
                 return True
             if self.spool.ready_to_finish(t):
                 assert t.hub_id is not None
-                self.hub.close_transfer(t.hub_id)
+                self.hub.close_transfer(t.hub_id, _declared(t))
                 self.spool.finish(t)
                 return True
         return False
@@ -154,3 +157,15 @@ class Uploader:
                 self.journal.set_aside(path)
                 continue
             path.unlink()
+
+
+def _declared(t: Outbound) -> dict[str, Any] | None:
+    """What the transfer declares to the hub as it closes (nothing, if closed by a version
+    that did not count)."""
+    if t.declared is None:
+        return None
+    return {
+        "instances_declared": t.declared,
+        "declared_by": t.declared_by,
+        "interrupted": t.interrupted,
+    }

@@ -5,7 +5,16 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from imagebridge.db import Base, UTCDateTime, new_id, utcnow
@@ -49,6 +58,13 @@ class Transfer(Base):
     instances_total: Mapped[int] = mapped_column(Integer, default=0)
     instances_delivered: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+    # How many instances the sender says the transfer carries, and who counted them:
+    # "gateway" (what it acknowledged to its PACS), "pacs" (the PACS's own count of the
+    # study), "hub" (what the hub holds). Delivered only once the receiver confirms as many.
+    instances_declared: Mapped[int | None] = mapped_column(Integer)
+    declared_by: Mapped[str] = mapped_column(String(8), default="")
+    # The sending association was aborted and the study not sent again in full.
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False)
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_delivered: Mapped[int] = mapped_column(BigInteger, default=0)
     failure_reason: Mapped[str] = mapped_column(Text, default="")
@@ -56,6 +72,8 @@ class Transfer(Base):
     received_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivery_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When an urgent transfer still undelivered past its deadline raised its alert (once).
+    late_alerted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     studies: Mapped[list[TransferStudy]] = relationship(

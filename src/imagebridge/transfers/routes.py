@@ -154,12 +154,35 @@ def get_transfer(transfer_id: str, actor: Tracker, hub: HubDep) -> dict[str, Any
         return services.describe(session, _load(session, transfer_id, actor, "sender", "receiver"))
 
 
+class CloseIn(BaseModel):
+    """How many instances the sending gateway declares for the transfer, and how it knows."""
+
+    instances_declared: int = Field(ge=0, le=10_000_000)
+    declared_by: Literal["gateway", "pacs"] = Field(
+        "gateway",
+        description="gateway: the instances it acknowledged to its PACS; "
+        "pacs: the PACS's own count of the study (NumberOfStudyRelatedInstances)",
+    )
+    interrupted: bool = Field(
+        False, description="An association was aborted and the study was not sent again"
+    )
+
+
 @router.post("/transfers/{transfer_id}/close")
-def close(transfer_id: str, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
-    """The sending gateway has uploaded everything it will for this transfer."""
+def close(
+    transfer_id: str, actor: GatewayActor, hub: HubDep, body: CloseIn | None = None
+) -> dict[str, Any]:
+    """The sending gateway has uploaded everything it will for this transfer. It is
+    delivered only once the receiver confirms every instance declared here (without a
+    declaration: every instance the hub received)."""
+    declared = (
+        services.Declared(body.instances_declared, body.declared_by, body.interrupted)
+        if body is not None
+        else None
+    )
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender")
-        services.close_transfer(session, transfer, actor)
+        services.close_transfer(session, transfer, actor, declared)
         out = services.describe(session, transfer)
         receiver_id = transfer.receiver_institution_id
     hub.notifier.nudge(receiver_id)

@@ -98,6 +98,7 @@ def create_transfer(
         _add_held_studies(session, transfer, sender, study_instance_uids)
         transfer.received_at = utcnow()
         transfer.status = TransferStatus.queued
+        transfer.instances_declared, transfer.declared_by = transfer.instances_total, "hub"
     elif origin == "api":
         raise TransferError("name at least one study the hub holds for the sender")
     record(
@@ -253,11 +254,30 @@ def add_instances(
     return result
 
 
-def close_transfer(session: Session, transfer: Transfer, actor: Actor) -> None:
-    """The sender has sent everything: the transfer is complete at the hub."""
+@dataclass(frozen=True)
+class Declared:
+    """What the sender says a transfer carries, as it closes it."""
+
+    instances: int
+    by: str = "gateway"  # gateway | pacs: who counted them
+    interrupted: bool = False  # an association was aborted and the study not sent again
+
+
+def close_transfer(
+    session: Session, transfer: Transfer, actor: Actor, declared: Declared | None = None
+) -> None:
+    """The sender has sent everything: the transfer is complete at the hub.
+
+    Without a declared count (an older gateway, a fetch), the count is what the hub holds.
+    """
     _take_turn(session, transfer)
     if transfer.status != TransferStatus.receiving:
         return
+    if declared is None:
+        declared = Declared(transfer.instances_total, "hub")
+    transfer.instances_declared = declared.instances
+    transfer.declared_by = declared.by
+    transfer.interrupted = declared.interrupted
     transfer.received_at = utcnow()
     transfer.status = TransferStatus.queued
     if transfer.instances_total == 0 and not transfer.reports:
@@ -269,7 +289,13 @@ def close_transfer(session: Session, transfer: Transfer, actor: Actor) -> None:
         "transfer:transfer:received",
         institution_id=transfer.sender_institution_id,
         transfer_ref=transfer.id,
-        detail={"instances": transfer.instances_total, "bytes": transfer.bytes_total},
+        detail={
+            "instances": transfer.instances_total,
+            "bytes": transfer.bytes_total,
+            "declared": declared.instances,
+            "declared_by": declared.by,
+            "interrupted": declared.interrupted,
+        },
         **actor.audit(),
     )
     refresh_status(session, transfer, actor)
@@ -665,7 +691,10 @@ def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
     settled = transfer.instances_delivered + transfer.instances_failed
     if settled >= transfer.instances_total and not reports[ItemStatus.pending]:
         failed = transfer.instances_failed or reports[ItemStatus.failed]
-        new = TransferStatus.failed if failed else TransferStatus.delivered
+        shortfall = incompleteness(transfer)
+        if shortfall and not failed:
+            transfer.failure_reason = shortfall
+        new = TransferStatus.failed if failed or shortfall else TransferStatus.delivered
     elif transfer.instances_delivered or reports[ItemStatus.delivered]:
         new = TransferStatus.delivering
     else:
@@ -690,6 +719,19 @@ def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
             },
             **actor.audit(),
         )
+
+
+def incompleteness(transfer: Transfer) -> str:
+    """Why a transfer whose items are all settled is still not complete; "" if it is."""
+    declared = transfer.instances_declared
+    if declared is not None and transfer.instances_delivered < declared:
+        return (
+            f"incomplete: the receiver confirmed {transfer.instances_delivered} of the "
+            f"{declared} instances declared by the {transfer.declared_by}"
+        )
+    if transfer.interrupted:
+        return "incomplete: the sending association was aborted and the study not sent again"
+    return ""
 
 
 def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
@@ -717,6 +759,11 @@ def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
         "instances_total": transfer.instances_total,
         "instances_delivered": transfer.instances_delivered,
         "instances_failed": transfer.instances_failed,
+        # Completeness: what the sender declared, what the receiver confirmed holding.
+        "instances_declared": transfer.instances_declared,
+        "declared_by": transfer.declared_by,
+        "instances_confirmed": transfer.instances_delivered,
+        "interrupted": transfer.interrupted,
         "bytes_total": transfer.bytes_total,
         "bytes_delivered": transfer.bytes_delivered,
         "failure_reason": transfer.failure_reason,
