@@ -13,7 +13,7 @@ import click
 
 from imagebridge import __version__
 from imagebridge.pki.commands import ca
-from imagebridge.settings import GatewaySettings, HubSettings
+from imagebridge.settings import GatewaySettings, HubSettings, SettingsError
 
 CONFIG = click.option(
     "--config",
@@ -32,7 +32,15 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-@click.group()
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:  # a bad settings file: its reason, not a traceback
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__)
 def main() -> None:
     """ImageBridge: send studies and reports between hospitals through a hub."""

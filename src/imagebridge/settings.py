@@ -10,8 +10,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 
 def _ae_title(value: str) -> str:
@@ -52,21 +60,46 @@ class _TomlSettings(BaseSettings):
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> Any:
+        """The settings from ``path`` and the environment; SettingsError says what is wrong."""
         values: dict[str, Any] = {}
         if path is not None:
-            with open(path, "rb") as fh:
-                values = tomllib.load(fh)
+            try:
+                with open(path, "rb") as fh:
+                    values = tomllib.load(fh)
+            except OSError as exc:
+                raise SettingsError(f"{path}: cannot be read ({exc.strerror})") from None
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise SettingsError(f"{path}: not a valid TOML file ({exc})") from None
             base = path.resolve().parent
-            # Relative paths in a config file are relative to that file.
+            # Relative paths in a config file are relative to that file. A value that is no
+            # string is left for validation to name.
             for key in ("data_dir", *TLS_PATHS):
-                if key in values and not Path(values[key]).is_absolute():
+                if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
                     values[key] = str(base / values[key])
             repository = values.get("audit_repository")
             for key in ("ca_file", "cert_file", "key_file"):
-                if isinstance(repository, dict) and repository.get(key):
+                if isinstance(repository, dict) and isinstance(repository.get(key), str):
                     repository[key] = str(base / repository[key])  # an absolute path stays
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, path)) from None
+        except PydanticSettingsError as exc:  # an environment variable it cannot parse
+            raise SettingsError(str(exc)) from None
+
+
+class SettingsError(ValueError):
+    """Settings a process cannot run with, and why, in plain words."""
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    """Each wrong setting and why, without its value (a value may be a secret)."""
+    problems = [
+        f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+        for e in exc.errors()[:10]
+    ]
+    return f"{path or 'settings'}: " + "; ".join(problems)
 
 
 class AccountPolicy(BaseModel):
@@ -334,6 +367,9 @@ class GatewaySettings(_TomlSettings):
     )
     reconciliation: Reconciliation = Field(default_factory=Reconciliation)
     max_pdu: int = Field(1_048_576, description="Largest PDU the SCP accepts")
+    max_associations: int = Field(
+        64, ge=1, description="Associations the SCP serves at once; more are rejected (transient)"
+    )
     routes_refresh_seconds: float = Field(
         30.0, gt=0, description="How often the routing table and agreements are re-read"
     )

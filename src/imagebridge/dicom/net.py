@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
+import struct
 from collections.abc import Iterable
 
 from pydicom.uid import (
@@ -22,7 +25,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+
+log = logging.getLogger(__name__)
 
 # Every syntax a gateway accepts as received; it never asks a sender to transcode.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -52,6 +58,48 @@ def set_nodelay(sock: socket.socket | None) -> None:
     """Disable Nagle: DIMSE is request/response, and delayed ACKs cost ~40 ms a message."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+_ABORT_INVALID_PDU = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 2, 6)
+# The longest PDU read when the AE sets no maximum (0): association PDUs stay far below.
+_UNLIMITED_PDU_CAP = 64 * 1024**2
+
+
+def limit_incoming_pdus(assoc: Association, max_pdu: int) -> None:
+    """Abort an association whose peer announces a PDU longer than we accept.
+
+    pynetdicom reads each PDU whole before decoding it, so a declared length of 4 GB would
+    have it gather whatever the peer sends into memory. The length is checked as the
+    header arrives, before any of the body is read.
+    """
+    sock = assoc.dul.socket
+    if sock is None:
+        return
+    limit = max(max_pdu or _UNLIMITED_PDU_CAP, 1 << 20)  # association PDUs may be larger
+    recv = sock.recv
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes <= limit:
+            return recv(nr_bytes)
+        log.warning("association aborted: a PDU of %d bytes exceeds %d", nr_bytes, limit)
+        if sock.socket is not None:
+            with contextlib.suppress(OSError):
+                sock.socket.sendall(_ABORT_INVALID_PDU)
+        return bytearray()  # pynetdicom sees the PDU cut short and closes the connection
+
+    sock.recv = bounded_recv  # type: ignore[method-assign]
+
+
+def end_if_never_requested(assoc: Association) -> None:
+    """Free the association slot of a connection that closed before any A-ASSOCIATE-RQ.
+
+    pynetdicom's acceptor waits ``acse_timeout`` (30 s) for the request even after the
+    connection is gone, counting against the AE's maximum: a few junk connections a minute
+    would shut every PACS out. An empty primitive wakes it, and it ends the association.
+    """
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
 
 
 def _on_conn_open(event: evt.Event) -> None:

@@ -32,6 +32,8 @@ from pydicom.uid import UID
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1428.1"
 IMPLEMENTATION_VERSION_NAME = "IMAGEBRIDGE1"
 PREAMBLE = b"\x00" * 128 + b"DICM"
+# The most a deflated dataset may inflate to while its header is read.
+MAX_INFLATED_BYTES = 256 * 1024**2
 
 
 def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
@@ -317,14 +319,39 @@ def _opened(source: bytes | memoryview | Path | BinaryIO) -> Iterator[Buffer]:
 
 
 def _inflate(data: Buffer) -> bytes:
+    # Measured before it is kept: a few hundred kilobytes of deflate can inflate to
+    # gigabytes, which no header is worth holding in memory.
+    _check_inflated_size(data)
+    body: bytes = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)
+    return body
+
+
+def _check_inflated_size(data: Buffer) -> None:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    step = 1 << 16
     try:
-        body = inflater.decompress(data)
+        for start in range(0, len(data), step):
+            pending = data[start : start + step]
+            while pending and not inflater.eof:
+                size += len(inflater.decompress(pending, 1 << 22))
+                if size > MAX_INFLATED_BYTES:
+                    raise BadDataset(
+                        f"a deflated dataset inflates to more than {MAX_INFLATED_BYTES} bytes"
+                    )
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                return
     except zlib.error as exc:
         raise BadDataset("unreadable deflated dataset") from exc
-    if not inflater.eof:
-        raise BadDataset("dataset truncated")
-    return body
+    raise BadDataset("dataset truncated")
+
+
+def preamble_is_clean(path: Path) -> bool:
+    """Whether a Part 10 file's 128-byte preamble is zeros, as every file ImageBridge writes.
+    Anything else there (an executable, in a polyglot file) must never be passed on."""
+    with open(path, "rb") as fh:
+        return not any(fh.read(len(PREAMBLE) - 4))
 
 
 def _meta_in(buf: Buffer) -> tuple[int, str]:

@@ -18,7 +18,12 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
-from imagebridge.dicom.net import set_nodelay, storage_scp_ae
+from imagebridge.dicom.net import (
+    end_if_never_requested,
+    limit_incoming_pdus,
+    set_nodelay,
+    storage_scp_ae,
+)
 from imagebridge.dicom.part10 import BadDataset, read_header
 from imagebridge.gateway.journal import Journal
 from imagebridge.gateway.pacs_scu import MoveInbox
@@ -80,6 +85,7 @@ class StorageSCP:
         # Handlers of further services on the same AE (query/retrieve), added before start.
         self.services: list[evt.EventHandlerType] = []
         self.ae = storage_scp_ae(settings.ae_title, settings.max_pdu)
+        self.ae.maximum_associations = settings.max_associations
         # Any called AE title may arrive: each names a destination, checked on request.
         self.ae.require_called_aet = False
         self._states: dict[int, _AssociationState] = {}
@@ -123,6 +129,7 @@ class StorageSCP:
             return
         sock = event.assoc.dul.socket.socket
         set_nodelay(sock)
+        limit_incoming_pdus(event.assoc, self.settings.max_pdu)
         refused = handshake(sock)  # DICOM TLS: nothing unless the SCP speaks it
         if refused is not None:
             log.warning("association refused: %s", refused)
@@ -291,6 +298,8 @@ class StorageSCP:
         return _status(code, reason)
 
     def _on_end(self, event: evt.Event) -> None:
+        if event.event is evt.EVT_CONN_CLOSE:
+            end_if_never_requested(event.assoc)
         with self._lock:
             state = self._states.pop(id(event.assoc), None)
         if state is None:
