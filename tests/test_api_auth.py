@@ -30,6 +30,8 @@ from imagebridge.hub.auth import (
 DOCUMENTATION_ROUTES = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 PUBLIC_ROUTES = {
     ("GET", "/api/v1/health"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
     ("POST", "/api/v1/auth/login"),
     # The portal's way in: its login page, its style and scripts, and / sending there.
     ("GET", "/"),
@@ -63,6 +65,8 @@ EXPECTED = {
     ("GET", "/portal/audit"): {"read_audit"},
     ("POST", "/portal/audit/export"): {"read_audit"},
     ("GET", "/portal/admin/users"): {"admin_institution", "admin_network"},
+    ("POST", "/api/v1/legal-holds"): {"admin_institution", "admin_network"},
+    ("GET", "/metrics"): set(),
 }
 
 
@@ -151,6 +155,7 @@ def _url(path: str) -> str:
         ("{study_id}", "999999"),
         ("{report_id}", "999999"),
         ("{task_id}", "no-such-task"),
+        ("{hold_id}", "999999"),
     ):
         path = path.replace(name, value)
     assert "{" not in path, f"give the test a value for {path}"
@@ -180,7 +185,12 @@ def _refused_by_check(r: httpx.Response) -> bool:
         return "this needs the permission" in r.text  # a portal page saying why not
     detail = r.json().get("detail", "") if r.status_code == 403 else ""
     return isinstance(detail, str) and detail.startswith(
-        ("this needs the permission", "for gateways only", "for people's accounts only")
+        (
+            "this needs the permission",
+            "for gateways only",
+            "for people's accounts only",
+            "for the metrics scraper only",
+        )
     )
 
 

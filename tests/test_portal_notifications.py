@@ -1,7 +1,8 @@
-"""Arrival notices: once the commit that delivers a transfer has happened, the hub e-mails the
-receiving institution through a real SMTP server (aiosmtpd on loopback) and POSTs to its
-webhooks (an HTTP server on loopback). A notice names the transfer, never the patient;
-a failure is logged and audited and holds nothing up; a transfer that fails tells nobody.
+"""Arrival notices: once the commit that delivers a transfer has happened, a job worker
+e-mails the receiving institution through a real SMTP server (aiosmtpd on loopback) and POSTs
+to its webhooks (an HTTP server on loopback). A notice names the transfer, never the patient;
+a failure is logged and audited, holds nothing up and is tried again, without telling again
+those already told; a transfer that fails tells nobody.
 
 The hub is the real application in-process; the transfer goes through the real gateway
 routes (upload, close, deliveries), so the notice follows the real commit.
@@ -26,9 +27,11 @@ from sqlalchemy import select
 from hubapp import InProcessHub
 from imagebridge.demo.network import free_port
 from imagebridge.demo.synthetic import generate_ct_study
-from imagebridge.notifications.dispatch import Dispatcher, install
+from imagebridge.jobs.models import Job
+from imagebridge.jobs.worker import Worker
+from imagebridge.notifications.jobs import ARRIVAL_NOTICE, configured, send_arrival_notice
 from imagebridge.notifications.services import SIGNATURE_HEADER, signature
-from imagebridge.settings import Notifications
+from imagebridge.settings import JobSettings, Notifications
 from imagebridge.transfers.models import TransferInstance
 
 SECRET = "webhook-secret-for-tests"
@@ -124,11 +127,19 @@ def _events(net: InProcessHub, action: str, transfer: str) -> list[dict[str, Any
     return found
 
 
-def _start(net: InProcessHub, settings: Notifications) -> Dispatcher:
+def _start(net: InProcessHub, settings: Notifications, **jobs: Any) -> Worker:
+    """A worker of the job queue beside the hub, running arrival notices only."""
     net.hub.settings.notifications = settings
-    dispatcher = install(net.hub)
-    assert dispatcher is not None
-    return dispatcher
+    net.hub.settings.jobs = JobSettings(poll_seconds=0.1, **jobs)
+    worker = Worker(net.hub, handlers={ARRIVAL_NOTICE: send_arrival_notice}, schedules=[])
+    worker.start()
+    return worker
+
+
+def _notices(net: InProcessHub) -> list[tuple[str, int, str]]:
+    with net.hub.sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.kind == ARRIVAL_NOTICE).order_by(Job.id))
+        return [(j.status, j.attempts, j.payload["transfer_id"]) for j in jobs]
 
 
 def test_a_delivered_transfer_is_announced_by_mail_and_webhook(
@@ -136,7 +147,7 @@ def test_a_delivered_transfer_is_announced_by_mail_and_webhook(
 ) -> None:
     mailbox, hooks, smtp_port, hook_port = receivers
     dead = free_port()  # nothing listens here: that webhook fails
-    dispatcher = _start(
+    worker = _start(
         net,
         Notifications(
             smtp_host="127.0.0.1",
@@ -150,14 +161,18 @@ def test_a_delivered_transfer_is_announced_by_mail_and_webhook(
             webhook_secret=SECRET,
             timeout_seconds=3,
         ),
+        max_attempts=2,
+        retry_seconds=0.2,
     )
     try:
         tid = _transfer(net, tmp_path / "study", "delivered")
         to, message = _wait("the e-mail", lambda: mailbox.messages and mailbox.messages[0])
         _wait("the webhook", lambda: hooks)
-        _wait("both webhook outcomes", lambda: len(_events(net, "notification:webhook:", tid)) == 2)
+        # The dead webhook is tried again, then given up; those already told are not told again.
+        _wait("the notice given up", lambda: _notices(net) == [("failed", 2, tid)])
     finally:
-        dispatcher.stop()
+        worker.stop()
+    assert len(mailbox.messages) == 1 and len(hooks) == 1
 
     # The receiving institution's addresses and the network's, once each; not the sender's.
     assert sorted(to) == ["network@hub.test", "radiology@rvh.test"]
@@ -178,12 +193,17 @@ def test_a_delivered_transfer_is_announced_by_mail_and_webhook(
 
     [mailed] = _events(net, "notification:email:sent", tid)
     assert mailed["outcome"] == "success" and mailed["detail"]["recipients"] == 2
-    outcomes = {e["action"]: e for e in _events(net, "notification:webhook:", tid)}
+    [sent] = _events(net, "notification:webhook:sent", tid)
+    assert sent["detail"]["site"] == f"http://127.0.0.1:{hook_port}"
+    first, second = _events(net, "notification:webhook:failed", tid)
+    assert [first["detail"]["attempt"], second["detail"]["attempt"]] == [1, 2]
+    assert first["outcome"] == "failure" and first["detail"]["reason"].startswith("ConnectError")
+    assert first["detail"]["site"] == f"http://127.0.0.1:{dead}"
+    [abandoned] = _events(net, "job:job:abandoned", "")
     assert (
-        outcomes["notification:webhook:sent"]["detail"]["site"] == f"http://127.0.0.1:{hook_port}"
+        abandoned["detail"]["kind"] == ARRIVAL_NOTICE
+        and "ConnectError" in (abandoned["detail"]["error"])
     )
-    failed = outcomes["notification:webhook:failed"]
-    assert failed["outcome"] == "failure" and failed["detail"]["reason"].startswith("ConnectError")
     # The delivery itself was never held up by the failing receiver.
     r = net.client().get(f"/api/v1/transfers/{tid}", headers=net.admin_headers)
     assert r.json()["status"] == "delivered"
@@ -193,7 +213,7 @@ def test_a_failed_transfer_and_an_unreachable_mail_server(
     net: InProcessHub, receivers: Any, tmp_path: Path
 ) -> None:
     mailbox, hooks, _, hook_port = receivers
-    dispatcher = _start(
+    worker = _start(
         net,
         Notifications(
             smtp_host="127.0.0.1",
@@ -202,14 +222,16 @@ def test_a_failed_transfer_and_an_unreachable_mail_server(
             webhooks={"*": f"http://127.0.0.1:{hook_port}/all"},
             timeout_seconds=3,
         ),
+        max_attempts=1,
     )
     try:
         failed = _transfer(net, tmp_path / "failed", "failed")
         delivered = _transfer(net, tmp_path / "delivered", "delivered")
         _wait("the webhook", lambda: hooks)
         _wait("the mail failure", lambda: _events(net, "notification:email:failed", delivered))
+        _wait("the notice given up", lambda: _notices(net) == [("failed", 1, delivered)])
     finally:
-        dispatcher.stop()
+        worker.stop()
     # Only the delivered transfer was announced.
     assert [json.loads(body)["transfer_id"] for _, _, body in hooks] == [delivered]
     assert not _events(net, "notification:", failed)
@@ -218,8 +240,25 @@ def test_a_failed_transfer_and_an_unreachable_mail_server(
     assert "Connection refused" in event["detail"]["reason"]
 
 
-def test_nothing_is_sent_when_nothing_is_configured(net: InProcessHub) -> None:
-    assert install(net.hub) is None
+def test_nothing_is_sent_when_nothing_is_configured(net: InProcessHub, tmp_path: Path) -> None:
     # Mail needs both a server and addresses.
-    net.hub.settings.notifications = Notifications(smtp_host="127.0.0.1")
-    assert install(net.hub) is None
+    assert not configured(Notifications(smtp_host="127.0.0.1"))
+    worker = _start(net, Notifications(smtp_host="127.0.0.1"))
+    try:
+        tid = _transfer(net, tmp_path / "study", "delivered")
+        _wait("the notice job", lambda: _notices(net) == [("done", 1, tid)])
+    finally:
+        worker.stop()
+    assert not _events(net, "notification:", tid)
+
+
+def test_a_notice_is_queued_only_by_the_commit_that_delivers(net: InProcessHub) -> None:
+    """A job queued in a transaction that rolls back does not exist."""
+    from imagebridge.notifications.jobs import queue_arrival_notice
+
+    with net.hub.sessions() as session, session.begin():
+        queue_arrival_notice(session, "committed")
+    with pytest.raises(RuntimeError), net.hub.sessions() as session, session.begin():
+        queue_arrival_notice(session, "rolled-back")
+        raise RuntimeError("the delivery failed")
+    assert [tid for _, _, tid in _notices(net)] == ["committed"]

@@ -77,6 +77,36 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
 
 @main.command()
 @CONFIG
+@click.option("--once", is_flag=True, help="Run the jobs due now, then exit.")
+@click.option("-v", "--verbose", is_flag=True)
+def worker(config: Path | None, once: bool, verbose: bool) -> None:
+    """Run the hub's queued jobs (arrival notices, retention...), beside any number of hubs
+    and other workers on the same database and blob store."""
+    from imagebridge.hub.state import Hub
+    from imagebridge.jobs.worker import Worker
+    from imagebridge.storage.blobs import BlobStoreError
+
+    _logging(verbose)
+    try:
+        hub = Hub.open(HubSettings.load(config))
+    except BlobStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    jobs = Worker(hub)
+    if once:
+        click.echo(f"{jobs.run_until_idle()} jobs run")
+        return
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    jobs.start()
+    click.echo(f"worker {jobs.name} running", err=True)
+    stopped.wait()
+    jobs.stop()
+    hub.engine.dispose()
+
+
+@main.command()
+@CONFIG
 @click.option("-v", "--verbose", is_flag=True)
 def gateway(config: Path | None, verbose: bool) -> None:
     """Run an institution's gateway: DICOM to the local PACS, HTTPS to the hub."""

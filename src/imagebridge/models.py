@@ -6,8 +6,10 @@ from imagebridge.audit.models import AuditEvent, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution, TrustedNetwork
+from imagebridge.jobs.models import Job, JobSchedule
 from imagebridge.patients.models import IdentityFlag, PatientIdentifier, Person
 from imagebridge.queries.models import GatewayTask
+from imagebridge.retention.models import BlobRemoval, LegalHold, RetentionMark
 from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
@@ -19,17 +21,22 @@ __all__ = [
     "AuditForwarding",
     "Base",
     "Blob",
+    "BlobRemoval",
     "DiscoveryRule",
     "Gateway",
     "GatewayTask",
     "IdentityFlag",
     "Instance",
     "Institution",
+    "Job",
+    "JobSchedule",
+    "LegalHold",
     "LoginThrottle",
     "Patient",
     "PatientIdentifier",
     "Person",
     "Report",
+    "RetentionMark",
     "Role",
     "Series",
     "Share",

@@ -214,6 +214,70 @@ class BlobStoreSettings(BaseModel):
         return self
 
 
+class JobSettings(BaseModel):
+    """The durable job queue (arrival notices, retention sweeps...) and who runs it."""
+
+    in_process_worker: bool | None = Field(
+        None,
+        description="Run a worker inside each hub process; default: yes on SQLite, no on "
+        "PostgreSQL (run `imagebridge worker` there)",
+    )
+    concurrency: int = Field(2, ge=1, le=64, description="Jobs a worker runs at once")
+    poll_seconds: float = Field(
+        1.0, gt=0, description="How often an idle worker looks for jobs queued elsewhere"
+    )
+    lease_seconds: float = Field(
+        60.0,
+        ge=1,
+        description="A job whose worker stops renewing its lease for this long is taken up "
+        "by another worker",
+    )
+    max_attempts: int = Field(8, ge=1, description="Attempts before a job is given up")
+    retry_seconds: float = Field(10.0, gt=0, description="Wait after a first failure")
+    retry_max_seconds: float = Field(3600.0, gt=0, description="Longest wait between attempts")
+    keep_finished_days: float = Field(
+        7.0, gt=0, description="Finished jobs are kept this long, then pruned"
+    )
+
+
+class RetentionPolicy(BaseModel):
+    """How long the hub keeps delivered images: the exchange is not an archive.
+
+    Index rows and the audit trail are kept; only the images' (and reports') bytes go.
+    """
+
+    enabled: bool = Field(False, description="Remove delivered images after their period")
+    routine_days: float = Field(30.0, gt=0, description="Routine transfers: days after delivery")
+    urgent_days: float = Field(90.0, gt=0, description="Urgent transfers: days after delivery")
+    sweep_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often the retention sweep runs"
+    )
+    batch: int = Field(200, ge=1, description="Transfers examined per sweep")
+    grace_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="Blobs are set aside first, and removed for good only after this long "
+        "if nothing came to need them meanwhile",
+    )
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint /metrics: figures from the database, the same from every hub."""
+
+    scrape_token: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer token Prometheus presents (better from the environment); "
+        "empty: /metrics refuses every caller",
+    )
+    rate_window_seconds: float = Field(
+        60.0, gt=0, description="Instances per second are averaged over this window"
+    )
+    window_seconds: float = Field(
+        3600.0, gt=0, description="Finished transfers, delivery latency and errors: this window"
+    )
+    cache_seconds: float = Field(5.0, ge=0, description="A scrape's figures are reused this long")
+
+
 class HubSettings(_TomlSettings):
     model_config = SettingsConfigDict(env_prefix="IMAGEBRIDGE_HUB_", env_nested_delimiter="__")
 
@@ -245,6 +309,16 @@ class HubSettings(_TomlSettings):
     audit_repository: AuditRepository = Field(default_factory=lambda: AuditRepository())
     accounts: AccountPolicy = Field(default_factory=lambda: AccountPolicy())
     notifications: Notifications = Field(default_factory=lambda: Notifications())
+    jobs: JobSettings = Field(default_factory=lambda: JobSettings())
+    retention: RetentionPolicy = Field(default_factory=lambda: RetentionPolicy())
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
+
+    @property
+    def runs_worker(self) -> bool:
+        """Whether each hub process runs a worker of the job queue itself."""
+        if self.jobs.in_process_worker is not None:
+            return self.jobs.in_process_worker
+        return self.resolved_database_url.startswith("sqlite")
 
     @property
     def resolved_database_url(self) -> str:

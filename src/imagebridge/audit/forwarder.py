@@ -115,9 +115,17 @@ class AuditForwarder:
         return self._leading
 
     def forward_batch(self) -> int:
-        """Send the next events after the cursor; returns how many were sent."""
+        """Send the next events after the cursor; returns how many were sent.
+
+        On PostgreSQL the cursor's row stays locked from the read to its move, the send
+        included. Should a second hub's forwarder also believe it leads (its lock's
+        connection was cut and another took the lock), it waits for this one and starts
+        after what this one sent: two hubs never send the same events. SQLite has one hub
+        per database, and its write lock must not wait on the repository.
+        """
         with self.sessions() as session, session.begin():
-            cursor = session.get(AuditForwarding, 1)
+            fenced = session.get_bind().dialect.name == "postgresql"
+            cursor = session.get(AuditForwarding, 1, with_for_update=fenced)
             after = cursor.event_id if cursor is not None else 0
             events = list(
                 session.scalars(
@@ -128,19 +136,23 @@ class AuditForwarder:
                 )
             )
             messages = [self._message(session, e) for e in events]
-        if not events:
-            return 0
-        self.transport.send(messages)
-        last = events[-1]
-        with self.sessions() as session, session.begin():
-            moved = session.execute(
-                update(AuditForwarding)
-                .where(AuditForwarding.id == 1, AuditForwarding.event_id == after)
-                .values(event_id=last.id, event_hash=last.hash, updated_at=self.clock())
-            )
+            if events and fenced:
+                self.transport.send(messages)
+                self._move(session, after, events[-1])
+        if events and not fenced:
+            self.transport.send(messages)
+            with self.sessions() as session, session.begin():
+                self._move(session, after, events[-1])
+        return len(events)
+
+    def _move(self, session: Session, after: int, last: AuditEvent) -> None:
+        moved = session.execute(
+            update(AuditForwarding)
+            .where(AuditForwarding.id == 1, AuditForwarding.event_id == after)
+            .values(event_id=last.id, event_hash=last.hash, updated_at=self.clock())
+        )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             log.warning("the audit forwarding cursor moved under this forwarder")
-        return len(events)
 
     def _message(self, session: Session, event: AuditEvent) -> bytes:
         code = ""

@@ -26,11 +26,12 @@ from imagebridge.hub.auth import PageRefused
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.routes import router as directory_router
-from imagebridge.notifications.dispatch import install as install_notifications
+from imagebridge.observability.routes import router as operations_router
 from imagebridge.patients.routes import router as patients_router
 from imagebridge.portal.routes import refusal_page
 from imagebridge.portal.routes import router as portal_router
 from imagebridge.queries.routes import router as queries_router
+from imagebridge.retention.routes import router as retention_router
 from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
@@ -38,11 +39,9 @@ from imagebridge.transfers.routes import router as transfers_router
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        hub.notifier.bind(asyncio.get_running_loop())
-        notices = install_notifications(hub)
+        hub.start_background(asyncio.get_running_loop())
         yield
-        if notices is not None:
-            notices.stop()
+        hub.stop_background()
         hub.engine.dispose()
 
     app = FastAPI(
@@ -80,6 +79,8 @@ def create_app(hub: Hub) -> FastAPI:
         queries_router,
         dicomweb_router,
         patients_router,
+        retention_router,
+        operations_router,
         portal_router,
     ):
         app.include_router(router)

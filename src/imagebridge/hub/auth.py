@@ -8,6 +8,7 @@ machine can set the network up before any user exists.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import time
@@ -233,9 +234,25 @@ def public() -> None:
     """Marks a route deliberately open to anyone (health checks, the login form)."""
 
 
+SCRAPER_ONLY = "for the metrics scraper only"
+
+
+def require_scraper(request: Request, credentials: Credentials) -> None:
+    """Prometheus, presenting the `[metrics] scrape_token`; no person, gateway or token."""
+    if credentials is None:
+        if request.cookies.get(SESSION_COOKIE):
+            raise HTTPException(403, SCRAPER_ONLY)
+        raise _unauthorized("authentication required")
+    expected = get_hub(request).settings.metrics.scrape_token.get_secret_value()
+    # Compared as digests: equal lengths, so the time taken says nothing about the token.
+    given = hashlib.sha256(credentials.credentials.encode()).digest()
+    if not expected or not hmac.compare_digest(given, hashlib.sha256(expected.encode()).digest()):
+        raise _unauthorized("unknown scrape token")
+
+
 def checks_of(dependency: object) -> frozenset[str] | None:
     """The permissions a dependency checks, or None if it is not one of the checks here."""
-    if dependency in (require_gateway, require_login, public):
+    if dependency in (require_gateway, require_login, require_scraper, public):
         return frozenset()
     return getattr(dependency, "permissions", None)
 

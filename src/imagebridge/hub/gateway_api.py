@@ -34,8 +34,6 @@ router = APIRouter(prefix="/api/v1", tags=["gateway protocol"])
 HubDep = Annotated[Hub, Depends(get_hub)]
 # Long enough for a batch to reach a slow PACS; a lease a gateway abandons comes back after it.
 LEASE_SECONDS = 120.0
-# Long polls recheck the database this often, to see work queued by other hub processes.
-RECHECK_SECONDS = 0.5
 
 
 class Digests(BaseModel):
@@ -206,7 +204,9 @@ async def work(
         if remaining <= 0:
             return {"transfer": None, "instances": [], "reports": []}
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+            # The database is looked at again meanwhile (hub/inbox.py says how often).
+            recheck = hub.notifier.recheck_seconds
+            await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
 
 
 @router.post("/gateway/work/release")

@@ -1,4 +1,11 @@
-"""What a hub process holds: settings, database, blob store and the inbox notifier."""
+"""What a hub process holds: settings, database, blob store, the inbox notifier and, when
+the settings ask, a worker of the job queue.
+
+Nothing here is needed by another hub process: what they share lives in the database and
+the blob store. The notifier's wake-ups reach the other processes through the database
+(hub/inbox.py); the gateway token cache (hub/auth.py) only spares lookups, for a few
+seconds, and each process revokes within that time.
+"""
 
 from __future__ import annotations
 
@@ -15,36 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from imagebridge.accounts.services import ensure_builtin_roles
 from imagebridge.db import make_engine, make_sessionmaker, utcnow
+from imagebridge.hub.inbox import InboxNotifier
+from imagebridge.jobs.worker import Worker, start_in_process
 from imagebridge.migrate import upgrade
 from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import BlobStore, LocalBlobStore
-
-
-class InboxNotifier:
-    """Wakes a gateway's long poll when work for its institution may have arrived.
-
-    A nudge is only a hint: pollers also recheck the database on a short timer, so work
-    queued by another hub process is found too.
-    """
-
-    def __init__(self) -> None:
-        self._events: dict[int, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def event(self, institution_id: int) -> asyncio.Event:
-        return self._events.setdefault(institution_id, asyncio.Event())
-
-    def nudge(self, institution_id: int) -> None:
-        """Callable from any thread."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._set, institution_id)
-
-    def _set(self, institution_id: int) -> None:
-        self.event(institution_id).set()
-        self._events.pop(institution_id, None)
 
 
 @dataclass
@@ -58,6 +40,19 @@ class Hub:
     token_cache: dict[str, tuple[str, int, float]] = field(default_factory=dict)
     # The hub's clock, replaceable so that tests of expiry and lockout need not sleep.
     clock: Callable[[], datetime] = utcnow
+    worker: Worker | None = None
+
+    def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With the web application: wake-ups across processes, and the in-process worker."""
+        self.notifier.bind(loop)
+        self.notifier.connect(self.engine)
+        self.worker = start_in_process(self)
+
+    def stop_background(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.notifier.close()
 
     @classmethod
     def open(cls, settings: HubSettings) -> Hub:

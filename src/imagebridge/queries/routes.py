@@ -23,7 +23,7 @@ from imagebridge.actors import Actor
 from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, Sender, get_hub, require
-from imagebridge.hub.gateway_api import RECHECK_SECONDS, Digests, framed_blobs
+from imagebridge.hub.gateway_api import Digests, framed_blobs
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import MAX_LIMIT, QueryError
 from imagebridge.institutions.models import Gateway, Institution
@@ -97,7 +97,8 @@ async def _poll(
         if found is not None or remaining <= 0:
             return found
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=min(remaining, RECHECK_SECONDS))
+            recheck = hub.notifier.recheck_seconds
+            await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
 
 
 async def _await_tasks(hub: Hub, waiter: int, ids: list[str], seconds: float) -> None:

@@ -73,6 +73,21 @@ class BlobStore(Protocol):
         """A filesystem path for the object, if this store has one (lets callers stream it)."""
         ...
 
+    # Removal by the retention policy, in two steps: a blob is first set aside (out of
+    # reach: `exists` says no, so a new upload sends its bytes again), and discarded only
+    # once nothing has come to need it; until then it can be put back.
+    def set_aside(self, sha256: str) -> bool:
+        """Move the blob out of reach, keeping its bytes; False if the store lacks it."""
+        ...
+
+    def put_back(self, sha256: str) -> None:
+        """Undo `set_aside`; a copy stored again meanwhile is kept instead."""
+        ...
+
+    def discard(self, sha256: str) -> None:
+        """Remove a blob set aside, for good (nothing if there is none)."""
+        ...
+
 
 class StagedBlob:
     """Bytes being received, in a local file, hashed as they arrive."""
@@ -210,6 +225,33 @@ class LocalBlobStore:
 
     def local_path(self, sha256: str) -> Path | None:
         return self.path_for(sha256)
+
+    def _aside(self, sha256: str) -> Path:
+        return Path(f"{self.root}/set-aside/{blob_name(sha256)}")
+
+    def set_aside(self, sha256: str) -> bool:
+        aside = self._aside(sha256)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.path_for(sha256), aside)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def put_back(self, sha256: str) -> None:
+        aside, final = self._aside(sha256), self.path_for(sha256)
+        if final.exists():
+            aside.unlink(missing_ok=True)
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(aside, final)
+        except FileNotFoundError:
+            return
+        fsync_path(final.parent)
+
+    def discard(self, sha256: str) -> None:
+        self._aside(sha256).unlink(missing_ok=True)
 
 
 def read_chunks(store: BlobStore, sha256: str) -> Iterator[bytes]:

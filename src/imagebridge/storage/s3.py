@@ -286,6 +286,38 @@ class S3BlobStore:
     def local_path(self, sha256: str) -> Path | None:
         return None
 
+    def _aside_key(self, sha256: str) -> str:
+        name = f"set-aside/{blob_name(sha256)}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _move(self, source: str, target: str) -> bool:
+        """Copy within the bucket (the server copies; nothing passes through the hub), then
+        delete the source; False if there is no source."""
+        with _s3_errors("moving a blob"):
+            try:
+                self.client.copy_object(
+                    Bucket=self.bucket, Key=target, CopySource=f"{self.bucket}/{source}"
+                )
+            except ClientError as exc:
+                if _code(exc) in _NOT_FOUND:
+                    return False
+                raise
+            self.client.delete_object(Bucket=self.bucket, Key=source)
+        return True
+
+    def set_aside(self, sha256: str) -> bool:
+        return self._move(self.key_for(sha256), self._aside_key(sha256))
+
+    def put_back(self, sha256: str) -> None:
+        if self.exists(sha256):
+            self.discard(sha256)
+        else:
+            self._move(self._aside_key(sha256), self.key_for(sha256))
+
+    def discard(self, sha256: str) -> None:
+        with _s3_errors("removing a blob"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._aside_key(sha256))
+
 
 class S3ObjectReader(io.RawIOBase):
     """An object read through one GET that streams from the current position, a chunk

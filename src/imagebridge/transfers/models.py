@@ -42,6 +42,8 @@ class Transfer(Base):
     __table_args__ = (
         UniqueConstraint("sender_institution_id", "idempotency_key"),
         Index("ix_transfers_inbox", "receiver_institution_id", "status", "priority_rank"),
+        # Transfers by status, and those finished lately (metrics, retention).
+        Index("ix_transfers_status_finished_at", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

@@ -18,6 +18,7 @@ from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.index.services import IdentityConflict, Indexed, index_instances
 from imagebridge.institutions.models import Institution
+from imagebridge.notifications.jobs import queue_arrival_notice
 from imagebridge.transfers.models import (
     PRIORITY_RANK,
     ItemStatus,
@@ -30,8 +31,6 @@ from imagebridge.transfers.models import (
 
 OPEN_STATUSES = (TransferStatus.receiving, TransferStatus.queued, TransferStatus.delivering)
 REPORT_MEDIA_TYPES = ("application/pdf", "text/plain")
-# session.info key: ids of the transfers this transaction delivered, for what runs after commit.
-DELIVERED = "transfers_delivered"
 
 
 _ITEMS = cast(Table, TransferInstance.__table__)
@@ -705,7 +704,7 @@ def refresh_status(session: Session, transfer: Transfer, actor: Actor) -> None:
     if new in (TransferStatus.delivered, TransferStatus.failed):
         transfer.finished_at = utcnow()
         if new == TransferStatus.delivered:
-            session.info.setdefault(DELIVERED, set()).add(transfer.id)
+            queue_arrival_notice(session, transfer.id)
         record(
             session,
             f"transfer:transfer:{new}",

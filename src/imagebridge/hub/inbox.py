@@ -1,0 +1,160 @@
+"""Waking gateways' long polls when work for their institution may have arrived.
+
+Within one process a nudge sets an asyncio event the poll waits on. Hub processes that share
+a PostgreSQL database also tell each other: each nudge goes out as a NOTIFY on a channel
+every hub process LISTENs to, so a transfer queued through one hub wakes, within
+milliseconds, a gateway long-polling another. (A short database poll would do it too, but
+costs every idle gateway's poll a query every half second: with hundreds of institutions,
+thousands of queries a second for nothing.) Nudges are hints only: pollers still look at the
+database on a timer, often while no channel joins the processes, rarely once one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import psycopg
+from sqlalchemy import Engine, text
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "imagebridge_inbox"
+# How often a waiting poll looks at the database anyway.
+RECHECK_SECONDS = 0.5  # nothing tells this process what other processes queued
+RECHECK_LISTENING_SECONDS = 5.0  # the channel does; this only covers a lost notification
+RECONNECT_SECONDS = 2.0
+
+
+class InboxNotifier:
+    def __init__(self) -> None:
+        self._events: dict[int, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bus: InboxBus | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def connect(self, engine: Engine) -> None:
+        """Join the other hub processes on the same PostgreSQL database (none on SQLite)."""
+        if engine.dialect.name == "postgresql" and self._bus is None:
+            self._bus = InboxBus(engine, self._wake, self._wake_all)
+            self._bus.start()
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.stop()
+            self._bus = None
+
+    @property
+    def recheck_seconds(self) -> float:
+        listening = self._bus is not None and self._bus.listening
+        return RECHECK_LISTENING_SECONDS if listening else RECHECK_SECONDS
+
+    def event(self, institution_id: int) -> asyncio.Event:
+        return self._events.setdefault(institution_id, asyncio.Event())
+
+    def nudge(self, institution_id: int) -> None:
+        """Callable from any thread, after the commit that queued the work."""
+        self._wake(institution_id)
+        if self._bus is not None:
+            self._bus.publish(institution_id)
+
+    def _wake(self, institution_id: int) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set, institution_id)
+
+    def _wake_all(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set_all)
+
+    def _set(self, institution_id: int) -> None:
+        event = self._events.pop(institution_id, None)
+        if event is not None:
+            event.set()
+
+    def _set_all(self) -> None:
+        for institution_id in list(self._events):
+            self._set(institution_id)
+
+
+class InboxBus:
+    """NOTIFY and LISTEN on one channel, each in a thread of its own.
+
+    The listener holds a connection of its own outside the pool (a listening connection
+    cannot be shared); the publisher borrows pooled ones and sends the nudges waiting, each
+    institution once.
+    """
+
+    def __init__(
+        self, engine: Engine, on_nudge: Callable[[int], None], on_connect: Callable[[], None]
+    ) -> None:
+        self.engine = engine
+        self.on_nudge = on_nudge
+        self.on_connect = on_connect
+        self.listening = False
+        self._outbox: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._listen, name="inbox-listen", daemon=True),
+            threading.Thread(target=self._publish, name="inbox-notify", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._outbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def publish(self, institution_id: int) -> None:
+        self._outbox.put(institution_id)
+
+    def _publish(self) -> None:
+        while (first := self._outbox.get()) is not None:
+            wanted = {first}
+            while not self._outbox.empty():
+                more = self._outbox.get()
+                if more is None:
+                    self._stop.set()
+                    break
+                wanted.add(more)
+            try:
+                with self.engine.connect() as connection:
+                    for institution_id in sorted(wanted):
+                        connection.execute(
+                            text("SELECT pg_notify(:channel, :payload)"),
+                            {"channel": CHANNEL, "payload": str(institution_id)},
+                        )
+                    connection.commit()
+            except Exception as exc:  # the pollers' timer still finds the work
+                log.warning("inbox: could not notify other hub processes: %s", type(exc).__name__)
+            if self._stop.is_set():
+                return
+
+    def _listen(self) -> None:
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self.listening = True
+                    # Whatever was sent while this process was not listening: look now.
+                    self.on_connect()
+                    while not self._stop.is_set():
+                        for notice in connection.notifies(timeout=1.0):
+                            if notice.payload.isdigit():
+                                self.on_nudge(int(notice.payload))
+            except psycopg.Error as exc:
+                log.warning("inbox: listening for other hub processes failed: %s", exc)
+            finally:
+                self.listening = False
+            self._stop.wait(RECONNECT_SECONDS)

@@ -1,0 +1,1 @@
+"""What operators watch: liveness, readiness and Prometheus metrics."""
