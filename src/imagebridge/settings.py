@@ -296,6 +296,12 @@ class HubSettings(_TomlSettings):
         "", description="Network administrator API token; default: generated into data_dir"
     )
     inbox_wait_seconds: float = Field(20.0, description="Longest a gateway's inbox poll waits")
+    urgent_late_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="An urgent transfer not delivered this long after it was created raises "
+        "an alert (audit event transfer:transfer:late and a notice), once",
+    )
     query_wait_seconds: float = Field(
         5.0, gt=0, description="Longest a network query waits for the gateways' answers"
     )

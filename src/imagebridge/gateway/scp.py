@@ -58,6 +58,7 @@ class _AssociationState:
     transfers: set[str] = field(default_factory=set)
     studies: Counter[tuple[str, str]] = field(default_factory=Counter)
     refused: int = 0
+    out_of_resources: bool = False  # some C-STORE was refused with A700: it will come again
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -267,12 +268,13 @@ class StorageSCP:
                 header.text("PatientID"),
                 header.study_instance_uid,
             )
-        except OSError:
-            log.exception("spool write failed")
+        except OSError as exc:
+            # A full disk is an outage, not a crash: the PACS sends again later.
+            log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
             return self._refuse(
                 state,
                 OUT_OF_RESOURCES,
-                "spool write failed",
+                f"spool write failed: {exc.strerror or type(exc).__name__}",
                 header.text("PatientID"),
                 header.study_instance_uid,
             )
@@ -283,6 +285,7 @@ class StorageSCP:
         self, state: _AssociationState, code: int, reason: str, patient: str, study: str
     ) -> Dataset:
         state.refused += 1
+        state.out_of_resources |= code == OUT_OF_RESOURCES
         log.warning("C-STORE refused (0x%04X): %s", code, reason)
         self.journal.write(
             "dicom:instance:refused",
@@ -305,9 +308,9 @@ class StorageSCP:
         if state is None:
             return
         # Anything but a release (an A-ABORT, a dropped connection) leaves the study open
-        # for the PACS to send again what got no answer.
+        # for the PACS to send again what got no answer; so does a refusal for want of space.
         aborted = event.event is not evt.EVT_RELEASED
-        self.spool.association_ended(state.transfers, aborted=aborted)
+        self.spool.association_ended(state.transfers, aborted=aborted or state.out_of_resources)
         for (patient, study), count in state.studies.items():
             # One event per study and association, like ATNA's "DICOM Instances Transferred".
             self.journal.write(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -39,6 +40,8 @@ from typing import Any
 
 from imagebridge.dicom.part10 import BadDataset, file_meta, read_header
 from imagebridge.fsutil import fsync_path
+
+log = logging.getLogger(__name__)
 
 
 class SpoolFull(OSError):
@@ -114,12 +117,16 @@ def _append(path: Path, line: str) -> None:
 
 def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as fh:
-        for part in data if isinstance(data, list) else [data]:
-            fh.write(part)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            for part in data if isinstance(data, list) else [data]:
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing half written behind
+        raise
     fsync_path(path.parent)
 
 
@@ -192,6 +199,7 @@ class Spool:
         self._transfers: dict[str, Outbound] = {}
         self._open: dict[tuple[str, str, str, str], str] = {}
         self._file_locks: dict[Path, threading.Lock] = {}
+        self._unsaved = False  # state kept in memory for want of disk space
         self._recover()
 
     def _recover(self) -> None:
@@ -212,7 +220,7 @@ class Spool:
             if t.active_associations:
                 # Associations the crash cut off: their PACS sends again what got no answer.
                 t.active_associations, t.interrupted = 0, True
-                self._save(t)
+                self._keep(t)
 
     def _read_acknowledged(self, folder: Path, pending: dict[str, Path]) -> dict[str, str]:
         """The list of acknowledged instances; one written without fsync may lack the last
@@ -343,7 +351,7 @@ class Spool:
                 if local_id not in association:
                     association.add(local_id)
                     t.active_associations += 1
-                    self._save(t)
+                    self._keep(t)
                 return t
             t = Outbound(
                 local_id=uuid.uuid4().hex,
@@ -376,7 +384,7 @@ class Spool:
                     elif t.active_associations <= 0:
                         # The sender finished a later association: it has sent again.
                         t.interrupted = False
-                    self._save(t)
+                    self._keep(t)
             self.changed.notify_all()
 
     def awaiting_resend(self, stable_seconds: float) -> list[Outbound]:
@@ -415,16 +423,44 @@ class Spool:
                     t.closed = True
                     t.declared = max(t.instance_count, t.pacs_count or 0)
                     t.declared_by = "pacs" if t.pacs_count is not None else "gateway"
+                    if not self._keep(t):  # closed only once that is on disk
+                        t.closed, t.declared, t.declared_by = False, None, ""
+                        continue
                     del self._open[key]
-                    self._save(t)
 
     def _save(self, t: Outbound) -> None:
         write_durably(self.out / t.local_id / "meta.json", json.dumps(t.meta()).encode(), self.tmp)
 
+    def _keep(self, t: Outbound) -> bool:
+        """Save, but a full disk must not fail the caller: the state stays in memory, and
+        one left behind on disk errs on the safe side (an association still counted open
+        makes a restart wait for a resend). Spent files kept for reuse give way first."""
+        for attempt in (1, 2):
+            try:
+                self._save(t)
+                self._unsaved = False
+                return True
+            except OSError as exc:
+                if attempt == 1 and self._drop_reusable():
+                    continue
+                if not self._unsaved:
+                    log.warning("spool state not saved (%s); kept in memory", exc.strerror)
+                self._unsaved = True
+        return False
+
+    def _drop_reusable(self) -> bool:
+        """Give back the space of the spent files kept for reuse; False if there were none."""
+        with self.changed:
+            spare, self._reusable = list(self._reusable), {}
+        for path in spare:
+            path.unlink(missing_ok=True)
+        return bool(spare)
+
     def set_hub_id(self, t: Outbound, hub_id: str) -> None:
         with self.changed:
             t.hub_id = hub_id
-            self._save(t)
+            # Unsaved, a restart asks the hub again: the transfer's key makes that harmless.
+            self._keep(t)
 
     def by_priority(self) -> list[Outbound]:
         with self.changed:

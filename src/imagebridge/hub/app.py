@@ -25,6 +25,7 @@ from imagebridge.dicomweb.routes import router as dicomweb_router
 from imagebridge.hub.auth import PageRefused
 from imagebridge.hub.gateway_api import router as gateway_router
 from imagebridge.hub.state import Hub
+from imagebridge.hub.unavailable import install as install_unavailable
 from imagebridge.institutions.routes import router as directory_router
 from imagebridge.observability.routes import router as operations_router
 from imagebridge.patients.routes import router as patients_router
@@ -51,6 +52,7 @@ def create_app(hub: Hub) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.hub = hub
+    install_unavailable(app)  # the database away: 503 with the reason
 
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> Response:
