@@ -176,6 +176,35 @@ class Network:
             )
             r.raise_for_status()
 
+    def user_token(
+        self,
+        code: str,
+        username: str,
+        roles: list[str],
+        scopes: list[str],
+        password: str = "correct horse battery staple 42",
+    ) -> str:
+        """An API token of a new user of ``code``, who logs in from a trusted network (so
+        without a second factor: ``roles`` must not make an administrator)."""
+        with self.admin() as admin:
+            admin.put(
+                f"/api/v1/institutions/{code}/trusted-networks", json={"cidrs": ["127.0.0.0/8"]}
+            ).raise_for_status()
+            user = {"username": username, "password": password, "institution": code}
+            admin.post("/api/v1/users", json={**user, "roles": roles}).raise_for_status()
+        with httpx.Client(base_url=self.hub_url, verify=self.verify, timeout=60) as c:
+            r = c.post("/api/v1/auth/login", json={"username": username, "password": password})
+            r.raise_for_status()
+            session = {"Cookie": f"ib_session={r.cookies['ib_session']}"}
+            r = c.post(
+                "/api/v1/tokens",
+                headers={**session, "X-CSRF-Token": r.json()["csrf_token"]},
+                json={"name": username, "scopes": scopes, "days": 1},
+            )
+            r.raise_for_status()
+            token: str = r.json()["token"]
+            return token
+
     def issue_token(self, code: str, name: str = "gateway") -> str:
         with self.admin() as client:
             r = client.post(f"/api/v1/institutions/{code}/gateways", json={"name": name})

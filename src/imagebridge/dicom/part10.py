@@ -541,17 +541,20 @@ def read_meta(fh: BinaryIO) -> Meta:
         raise BadDataset("file meta group truncated")
     values: dict[int, str] = {}
     pos = 0
-    while pos + 8 <= len(body):
-        elem, vr = struct.unpack_from("<2xH2s", body, pos)
-        if vr in LONG_VRS:
-            (length,) = struct.unpack_from("<I", body, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", body, pos + 6)
-            pos += 8
-        if vr == b"UI":
-            values[elem] = body[pos : pos + length].rstrip(b"\x00 ").decode("ascii")
-        pos += length
+    try:
+        while pos + 8 <= len(body):
+            elem, vr = struct.unpack_from("<2xH2s", body, pos)
+            if vr in LONG_VRS:
+                (length,) = struct.unpack_from("<I", body, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from("<H", body, pos + 6)
+                pos += 8
+            if vr == b"UI":
+                values[elem] = body[pos : pos + length].rstrip(b"\x00 ").decode("ascii")
+            pos += length
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise BadDataset("unreadable file meta group") from exc
     try:
         return Meta(144 + group_length, values[0x0002], values[0x0003], values[0x0010])
     except KeyError as exc:

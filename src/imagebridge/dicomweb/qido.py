@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
 from imagebridge.audit.services import record
+from imagebridge.counts import INT32_MAX, whole_number
 from imagebridge.dicomweb import dicomjson
 from imagebridge.dicomweb.dicomjson import UnknownAttribute
 from imagebridge.index import query
@@ -108,9 +109,10 @@ def parse(resource: str, params: list[tuple[str, str]], path_keys: dict[str, str
 
 
 def _count(name: str, value: str, minimum: int) -> int:
-    if not value.isdigit() or int(value) < minimum:
-        raise SearchError(f"{name} is a whole number, at least {minimum}")
-    return int(value)
+    count = whole_number(value, minimum)
+    if count is None:
+        raise SearchError(f"{name} is a whole number from {minimum} to {INT32_MAX}")
+    return count
 
 
 def _keyword(name: str) -> str:

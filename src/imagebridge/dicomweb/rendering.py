@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 
+from imagebridge.counts import whole_number
 from imagebridge.dicomweb.media import JPEG
 from imagebridge.dicomweb.pixels import PIXEL_DATA, FrameNotFound, decode_frame, number_of_frames
 
@@ -61,16 +62,17 @@ def parse_window(value: str) -> Window:
 
 
 def parse_quality(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 100:
+    quality = whole_number(value, 1, 100)
+    if quality is None:
         raise RenderingError("quality is a whole number from 1 to 100")
-    return int(value)
+    return quality
 
 
 def parse_viewport(value: str) -> tuple[int, int]:
-    parts = [p.strip() for p in value.split(",")]
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) <= MAX_VIEWPORT for p in parts):
+    sizes = [whole_number(p.strip(), 1, MAX_VIEWPORT) for p in value.split(",")]
+    if len(sizes) != 2 or sizes[0] is None or sizes[1] is None:
         raise RenderingError(f"viewport is width,height in pixels, each 1 to {MAX_VIEWPORT}")
-    return int(parts[0]), int(parts[1])
+    return sizes[0], sizes[1]
 
 
 def render(fp: BinaryIO, header: Dataset, frame: int, how: Rendering) -> bytes:

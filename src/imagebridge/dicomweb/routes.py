@@ -301,12 +301,12 @@ def retrieve_frame_rendered(
 # -- STOW-RS -------------------------------------------------------------------------------
 
 
-@router.post("/studies")
+@router.post("/studies", max_body_size=stow.MAX_REQUEST_BYTES)
 async def store_instances(request: Request, actor: Sender, hub: HubDep) -> Response:
     return await _store(request, actor, hub, None)
 
 
-@router.post("/studies/{study}")
+@router.post("/studies/{study}", max_body_size=stow.MAX_REQUEST_BYTES)
 async def store_study_instances(
     study: str, request: Request, actor: Sender, hub: HubDep
 ) -> Response:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MAX_INSTANCE_BYTES = 4 * 1024**3
 MAX_PARTS = 10000
+# A request streams to disk; beyond this its declared length alone is refused.
+MAX_REQUEST_BYTES = 64 * 1024**3
 # FailureReason (0008,1197) values, as C-STORE statuses (PS3.4 Annex B).
 PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
@@ -115,6 +117,8 @@ class PartWriter:
     def finish(self) -> StagedPart:
         if self.part.failure is None and self.part.writer is None:
             self._fail(CANNOT_UNDERSTAND, "a part is not a complete DICOM Part 10 file")
+        if self.part.writer is not None:
+            self.part.writer.finish()
         return self.part
 
 

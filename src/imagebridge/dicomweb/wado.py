@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
 from imagebridge.audit.services import record
+from imagebridge.counts import whole_number
 from imagebridge.dicomweb import dicomjson, pixels
 from imagebridge.dicomweb.media import (
     DICOM,
@@ -32,6 +33,7 @@ from imagebridge.index.visibility import scope_of
 from imagebridge.storage.blobs import BlobStore
 
 CHUNK = 1024 * 1024
+PREAMBLE_BYTES = 128
 NOT_FOUND = "no such {}, or not one you may see"
 AVAILABLE_TRANSFER_SYNTAX = "00083002"
 
@@ -118,8 +120,13 @@ def instance_parts(
 
 def _chunks(blobs: BlobStore, sha256: str) -> Iterator[bytes]:
     with blobs.open(sha256) as fp:
-        while chunk := fp.read(CHUNK):
+        # The preamble goes out as zeros whatever is stored: the hub refuses any other,
+        # but a blob stored before it did must not pass on what a sender hid there.
+        chunk = fp.read(CHUNK)
+        chunk = bytes(min(len(chunk), PREAMBLE_BYTES)) + chunk[PREAMBLE_BYTES:]
+        while chunk:
             yield chunk
+            chunk = fp.read(CHUNK)
 
 
 def metadata(blobs: BlobStore, found: list[Located], base_url: str) -> Iterator[bytes]:
@@ -145,12 +152,12 @@ def _bulk_uri(instance_url: str) -> dicomjson.BulkDataURI:
 
 
 def parse_frame_list(value: str) -> list[int]:
-    numbers = [p.strip() for p in value.split(",")]
-    if not numbers or not all(p.isdigit() and int(p) > 0 for p in numbers):
+    numbers = [whole_number(p.strip(), 1) for p in value.split(",")]
+    if not all(numbers):
         raise ValueError("frames are a comma-separated list of numbers from 1")
     if len(numbers) > 10000:
         raise ValueError("at most 10000 frames at once")
-    return [int(p) for p in numbers]
+    return [n for n in numbers if n]
 
 
 def frame_parts(

@@ -36,6 +36,8 @@ from imagebridge.retention.routes import router as retention_router
 from imagebridge.shares.routes import router as shares_router
 from imagebridge.transfers.routes import router as transfers_router
 
+MAX_BODY_BYTES = 8 * 1024**2
+
 
 def create_app(hub: Hub) -> FastAPI:
     @asynccontextmanager
@@ -50,6 +52,8 @@ def create_app(hub: Hub) -> FastAPI:
         version=__version__,
         description="Exchange of medical images and reports between institutions.",
         lifespan=lifespan,
+        # Bodies read whole (JSON) are small; the routes that stream to disk set their own.
+        max_body_size=MAX_BODY_BYTES,
     )
     app.state.hub = hub
     install_unavailable(app)  # the database away: 503 with the reason

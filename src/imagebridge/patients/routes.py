@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imagebridge.actors import Actor, manages
 from imagebridge.audit.services import record
+from imagebridge.counts import whole_number
 from imagebridge.hub.auth import InstitutionAdmin, P, get_hub, require
 from imagebridge.hub.state import Hub
 from imagebridge.index.visibility import Scope, scope_of
@@ -208,12 +209,12 @@ def pdq_search(
             raise FhirError(
                 400, "give at least one of family, given, birthdate, gender, identifier"
             )
-        count_text = params.get("_count", ["20"])[0]
-        if not count_text.isdigit() or int(count_text) > MAX_COUNT:
+        count = whole_number(params.get("_count", ["20"])[0], 0, MAX_COUNT)
+        if count is None:
             raise FhirError(400, f"_count must be a number from 0 to {MAX_COUNT}")
         if criteria.identifier is not None:
             _source_issuer_known(session, scope, criteria.identifier)
-        total, found = services.search(session, scope, criteria, int(count_text))
+        total, found = services.search(session, scope, criteria, count)
         patients = [_patient(rows) for _, rows in found]
         bundle = fhir.searchset(_base(request), str(request.url), total, patients)
         return _fhir(bundle), [person.nhs_number for person, _ in found]
@@ -227,7 +228,8 @@ def read_patient(patient_id: str, request: Request, actor: Querier, hub: HubDep)
 
     def answer(session: Session, scope: Scope) -> tuple[Response, list[str]]:
         _parameters(request, set(), set())
-        found = services.read(session, scope, int(patient_id)) if patient_id.isdigit() else None
+        number = whole_number(patient_id, 1)
+        found = services.read(session, scope, number) if number is not None else None
         if found is None:
             raise FhirError(404, "no such Patient", "not-found")
         return _fhir(_patient(found[1])), [found[0].nhs_number]

@@ -45,6 +45,11 @@ class BlobStoreError(OSError):
 class BlobWriter(Protocol):
     def write(self, chunk: bytes | memoryview) -> None: ...
 
+    def finish(self) -> None:
+        """Every byte is written: let go of the open file until commit (a batch of many
+        small blobs must not hold a file descriptor each)."""
+        ...
+
     def staged_path(self) -> Path:
         """The bytes written so far, in a local file, to check them before commit."""
         ...
@@ -104,8 +109,12 @@ class StagedBlob:
         self._hash.update(chunk)
         self._size += len(chunk)
 
+    def finish(self) -> None:
+        self._file.close()
+
     def staged_path(self) -> Path:
-        self._file.flush()
+        if not self._file.closed:
+            self._file.flush()
         return self._tmp
 
     @property
@@ -148,9 +157,8 @@ class LocalBlobWriter(StagedBlob):
             # Single source: the same content is already stored.
             self.abort()
             return digest, self._size
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
+        fsync_path(self._tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, final)
         fsync_path(final.parent)

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from imagebridge.actors import Actor
 from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
-from imagebridge.dicom.part10 import BadDataset, Header, read_header
+from imagebridge.dicom.part10 import BadDataset, Header, preamble_is_clean, read_header
 from imagebridge.hub.auth import GatewayActor, Sender, Tracker, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
@@ -39,6 +39,9 @@ router = APIRouter(prefix="/api/v1", tags=["transfers"])
 HubDep = Annotated[Hub, Depends(get_hub)]
 MAX_INSTANCE_BYTES = 4 * 1024**3
 MAX_REPORT_BYTES = 64 * 1024**2
+MAX_BATCH_INSTANCES = 10000
+# A batch streams to disk; beyond this its declared length alone is refused.
+MAX_BATCH_BYTES = 64 * 1024**3
 NOT_YOURS = "no such transfer, or not one your institution may act on"
 
 
@@ -217,7 +220,7 @@ def deliveries(
         return {"status": transfer.status}
 
 
-@router.post("/transfers/{transfer_id}/reports", status_code=201)
+@router.post("/transfers/{transfer_id}/reports", status_code=201, max_body_size=MAX_REPORT_BYTES)
 async def attach_report(
     transfer_id: str,
     request: Request,
@@ -311,6 +314,7 @@ def _store_report(
 
 @router.post(
     "/transfers/{transfer_id}/instances",
+    max_body_size=MAX_BATCH_BYTES,
     openapi_extra={"requestBody": {"content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}},
 )
 async def upload_instances(
@@ -341,13 +345,17 @@ async def upload_instances(
                     assert writer is not None
                     writer.write(event.data)
                 elif isinstance(event, FrameStart):
+                    if len(staged) >= MAX_BATCH_INSTANCES:
+                        raise HTTPException(
+                            413, f"at most {MAX_BATCH_INSTANCES} instances in one batch"
+                        )
                     writer = hub.blobs.writer() if event.length else None
                 elif isinstance(event, FrameEnd):
+                    if writer is not None:
+                        writer.finish()
                     staged.append((event.sha256, writer))
                     writer = None
         decoder.close()
-        if len(staged) > 10000:
-            raise HTTPException(413, "at most 10000 instances in one batch")
         return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor)
     except FramingError as exc:
         raise HTTPException(400, f"malformed blob stream: {exc}") from exc
@@ -386,7 +394,12 @@ def _ingest(
                 header, size = _held(hub.blobs, sha)
                 ready.append((header, sha, size))
             else:
-                checked.append((read_header(writer.staged_path()), sha, writer))
+                path = writer.staged_path()
+                header = read_header(path)
+                if not preamble_is_clean(path):
+                    # Gateways zero it; bytes there could be an executable (a polyglot file).
+                    raise BadDataset("the 128-byte preamble is not zeros")
+                checked.append((header, sha, writer))
         except BadDataset as exc:
             refused.append({"sha256": sha, "reason": str(exc)})
     committed = hub.blobs.commit_batch([(w, sha) for _, sha, w in checked])
