@@ -55,7 +55,7 @@ class Sent:
         self.id, self.study_uid, self.blobs = transfer_id, study_uid, blobs
 
 
-def _gateway(net: InProcessHub, code: str) -> dict[str, str]:
+def gateway_headers(net: InProcessHub, code: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {net.gateway_token(code)}"}
 
 
@@ -71,7 +71,7 @@ def send(
     """SEG's gateway uploads the files into a new transfer, closes it, and (by default) RVH's
     gateway reports every item delivered."""
     client = net.client()
-    seg = _gateway(net, "SEG")
+    seg = gateway_headers(net, "SEG")
     r = client.post(
         "/api/v1/transfers",
         headers=seg,
@@ -111,7 +111,7 @@ def deliver_all(net: InProcessHub, tid: str, receiver: str = "RVH") -> None:
         reports = session.scalars(select(Report.id).where(Report.transfer_id == tid)).all()
     r = net.client().post(
         f"/api/v1/transfers/{tid}/deliveries",
-        headers=_gateway(net, receiver),
+        headers=gateway_headers(net, receiver),
         json={
             "instances": [{"id": i, "outcome": "delivered"} for i in items],
             "reports": [
@@ -229,7 +229,7 @@ def test_a_blob_needed_again_within_the_grace_period_is_put_back(
     # blobs set aside a moment ago (as an upload that checked just before they moved would).
     r = net.client().post(
         "/api/v1/transfers",
-        headers=_gateway(net, "SEG"),
+        headers=gateway_headers(net, "SEG"),
         json={"receiver": "NTH", "study_instance_uids": [sent.study_uid]},
     )
     assert r.status_code == 201, r.text

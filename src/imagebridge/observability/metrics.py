@@ -172,7 +172,10 @@ def _ago(now: datetime, seconds: float) -> datetime:
 
 def _buckets(values: Iterable[float]) -> list[tuple[str, float]]:
     values = sorted(values)
-    out = [(f"{bound:g}", float(sum(1 for v in values if v <= bound))) for bound in LATENCY_BUCKETS]
+    out = [
+        (repr(float(bound)), float(sum(1 for v in values if v <= bound)))  # le="5.0"
+        for bound in LATENCY_BUCKETS
+    ]
     return [*out, ("+Inf", float(len(values)))]
 
 
