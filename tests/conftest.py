@@ -132,6 +132,16 @@ def mini_pacs(tmp_path: Path) -> Iterator[Callable[[str], MiniPacs]]:
         pacs.stop()
 
 
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
+    """Poll ``check`` until it answers something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_for_transfer(
     net: Network, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120
 ) -> dict[str, Any]:

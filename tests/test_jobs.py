@@ -8,8 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from conftest import wait_until
 from hubapp import InProcessHub
 from imagebridge.audit.models import AuditEvent
 from imagebridge.db import make_engine, make_sessionmaker, utcnow
@@ -328,15 +328,6 @@ def deliver_over_http(net: Network, hub_url: str, folder: Path, tokens: dict[str
     return tid
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_hub_process_on_sqlite_runs_the_jobs_itself(
     tmp_path: Path, hooks: tuple[list[dict[str, Any]], int]
 ) -> None:
@@ -355,7 +346,7 @@ def test_a_hub_process_on_sqlite_runs_the_jobs_itself(
             net.add_institution(code, code)
             tokens[code] = net.issue_token(code)
         tid = deliver_over_http(net, net.hub_url, tmp_path / "study", tokens)
-        _wait("the arrival notice", lambda: received)
+        wait_until("the arrival notice", lambda: received)
         assert [n["transfer_id"] for n in received] == [tid]
         engine = make_engine(sqlite)
 
@@ -365,7 +356,7 @@ def test_a_hub_process_on_sqlite_runs_the_jobs_itself(
                 return [(status, attempts) for status, attempts in connection.execute(query)]
 
         try:
-            _wait("the notice job done", lambda: notices() == [("done", 1)])
+            wait_until("the notice job done", lambda: notices() == [("done", 1)])
         finally:
             engine.dispose()
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -24,6 +23,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
+from conftest import wait_until
 from hubapp import InProcessHub
 from imagebridge.demo.network import free_port
 from imagebridge.demo.synthetic import generate_ct_study
@@ -110,15 +110,6 @@ def _transfer(net: InProcessHub, folder: Path, outcome: str) -> str:
     return tid
 
 
-def _wait(what: str, check: Any, timeout: float = 15) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _events(net: InProcessHub, action: str, transfer: str) -> list[dict[str, Any]]:
     r = net.client().get(
         "/api/v1/audit", params={"action": action, "transfer": transfer}, headers=net.admin_headers
@@ -166,10 +157,10 @@ def test_a_delivered_transfer_is_announced_by_mail_and_webhook(
     )
     try:
         tid = _transfer(net, tmp_path / "study", "delivered")
-        to, message = _wait("the e-mail", lambda: mailbox.messages and mailbox.messages[0])
-        _wait("the webhook", lambda: hooks)
+        to, message = wait_until("the e-mail", lambda: mailbox.messages and mailbox.messages[0])
+        wait_until("the webhook", lambda: hooks)
         # The dead webhook is tried again, then given up; those already told are not told again.
-        _wait("the notice given up", lambda: _notices(net) == [("failed", 2, tid)])
+        wait_until("the notice given up", lambda: _notices(net) == [("failed", 2, tid)])
     finally:
         worker.stop()
     assert len(mailbox.messages) == 1 and len(hooks) == 1
@@ -227,9 +218,9 @@ def test_a_failed_transfer_and_an_unreachable_mail_server(
     try:
         failed = _transfer(net, tmp_path / "failed", "failed")
         delivered = _transfer(net, tmp_path / "delivered", "delivered")
-        _wait("the webhook", lambda: hooks)
-        _wait("the mail failure", lambda: _events(net, "notification:email:failed", delivered))
-        _wait("the notice given up", lambda: _notices(net) == [("failed", 1, delivered)])
+        wait_until("the webhook", lambda: hooks)
+        wait_until("the mail failure", lambda: _events(net, "notification:email:failed", delivered))
+        wait_until("the notice given up", lambda: _notices(net) == [("failed", 1, delivered)])
     finally:
         worker.stop()
     # Only the delivered transfer was announced.
@@ -246,7 +237,7 @@ def test_nothing_is_sent_when_nothing_is_configured(net: InProcessHub, tmp_path:
     worker = _start(net, Notifications(smtp_host="127.0.0.1"))
     try:
         tid = _transfer(net, tmp_path / "study", "delivered")
-        _wait("the notice job", lambda: _notices(net) == [("done", 1, tid)])
+        wait_until("the notice job", lambda: _notices(net) == [("done", 1, tid)])
     finally:
         worker.stop()
     assert not _events(net, "notification:", tid)

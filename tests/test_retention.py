@@ -221,10 +221,7 @@ def test_delivered_images_go_after_their_period_and_nothing_else(
 def test_a_blob_needed_again_within_the_grace_period_is_put_back(
     net: InProcessHub, tmp_path: Path
 ) -> None:
-    start = utcnow()
-    sent = send(net, study(tmp_path / "a", "A1"))
-    run(net, start + 31 * DAY)
-    assert not held(net, sent.blobs)
+    start, sent = set_aside(net, tmp_path)
     # SEG sends the study again from what the hub holds: the new transfer refers to the
     # blobs set aside a moment ago (as an upload that checked just before they moved would).
     r = net.client().post(
@@ -254,6 +251,15 @@ def test_bytes_stored_again_while_set_aside_are_kept(net: InProcessHub, tmp_path
     assert set(removals(net).values()) == {"restored"}
     aside = net.hub.blobs.root / "set-aside"  # type: ignore[attr-defined]
     assert not [p for p in aside.rglob("*") if p.is_file()]
+
+
+def set_aside(net: InProcessHub, folder: Path) -> tuple[datetime, Sent]:
+    """A study delivered 31 days ago, just set aside by the sweep."""
+    start = utcnow()
+    sent = send(net, study(folder / "a", "A1"))
+    run(net, start + 31 * DAY)
+    assert not held(net, sent.blobs)
+    return start, sent
 
 
 def _admin(net: InProcessHub, code: str, name: str) -> Person:
@@ -315,10 +321,7 @@ def test_a_legal_hold_keeps_a_study_until_released(net: InProcessHub, tmp_path: 
 def test_a_hold_placed_within_the_grace_period_brings_the_images_back(
     net: InProcessHub, tmp_path: Path
 ) -> None:
-    start = utcnow()
-    sent = send(net, study(tmp_path / "a", "A1"))
-    run(net, start + 31 * DAY)
-    assert not held(net, sent.blobs)
+    start, sent = set_aside(net, tmp_path)
     r = net.client().post(
         "/api/v1/legal-holds",
         headers=net.admin_headers,

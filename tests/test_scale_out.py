@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,7 +28,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from conftest import hub_query, require_tool
+from conftest import hub_query, require_tool, wait_until
 from imagebridge.demo.network import Network, free_port, stop_process, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 
@@ -190,15 +190,6 @@ def storescu(gateway_port: int, files: StudyFiles) -> None:
     )
 
 
-def wait(what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def delivered(net: Network, count: int) -> list[dict[str, Any]]:
     with net.admin() as admin:
         found = [
@@ -266,12 +257,12 @@ def test_two_hubs_and_two_workers_deliver_and_announce_each_transfer_once(
     # A burst: the studies at once, from several associations.
     with ThreadPoolExecutor(BURST) as pool:
         list(pool.map(lambda s: storescu(seg_port, s), studies[:BURST]))
-    transfers = wait("the burst delivered", lambda: delivered(two, BURST))
+    transfers = wait_until("the burst delivered", lambda: delivered(two, BURST), 120)
     assert len(transfers) == BURST
-    stored = wait("every instance in RVH's PACS", lambda: in_pacs(received, BURST * SLICES))
+    stored = wait_until("RVH's PACS to hold them", lambda: in_pacs(received, BURST * SLICES))
     assert set(stored) == set().union(*uids[:BURST]) and set(stored.values()) == {1}
     # Each delivered transfer announced once, by one worker or the other.
-    wait("every notice", lambda: len(receiver.posts) >= BURST)
+    wait_until("every notice", lambda: len(receiver.posts) >= BURST)
     assert Counter(receiver.posts) == Counter({t["id"]: 1 for t in transfers})
     assert all(notices_sent(one, t["id"]) == 1 for t in transfers)
 
@@ -319,7 +310,7 @@ def test_two_hubs_and_two_workers_deliver_and_announce_each_transfer_once(
     receiver.holding.set()
     storescu(seg_port, studies[BURST])
     assert receiver.arrived.wait(60)
-    [(holder,)] = wait("the notice's worker", lambda: running_notices(one))
+    [(holder,)] = wait_until("the notice's worker", lambda: running_notices(one))
     pid = int(holder.split(":")[1])
     [victim] = [w for w in network.workers if w.pid == pid]
     os.kill(victim.pid, signal.SIGKILL)
@@ -327,7 +318,9 @@ def test_two_hubs_and_two_workers_deliver_and_announce_each_transfer_once(
     receiver.holding.clear()
     receiver.release.set()
     [last] = [t for t in delivered(two, BURST + 1) if t["id"] not in {x["id"] for x in transfers}]
-    wait("the notice sent by the other worker", lambda: notices_sent(one, last["id"]) == 1, 60)
+    wait_until(
+        "the notice sent by the other worker", lambda: notices_sent(one, last["id"]) == 1, 60
+    )
     [(status, attempts, by)] = [
         (status, attempts, by)
         for status, attempts, by, payload in hub_query(
@@ -338,6 +331,7 @@ def test_two_hubs_and_two_workers_deliver_and_announce_each_transfer_once(
     assert (status, attempts) == ("done", 2) and by != holder
     assert receiver.posts.count(last["id"]) == 2  # the first cut off with its worker
     # Nothing lost, nothing twice, in RVH's PACS.
-    final = wait("the last study in RVH's PACS", lambda: in_pacs(received, (BURST + 1) * SLICES))
+    everything = (BURST + 1) * SLICES
+    final = wait_until("the last study in RVH's PACS", lambda: in_pacs(received, everything))
     assert set(final) == set().union(*uids) and set(final.values()) == {1}
     assert notices_sent(one, last["id"]) == 1

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
@@ -80,8 +81,9 @@ class Worker:
         """Stop taking jobs; wait for those running, and hand back any still unfinished."""
         self._stop.set()
         QUEUED.set()
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0))
         with self._lock:
             unfinished = list(self._held.values())
         if unfinished:
