@@ -380,3 +380,23 @@ def test_the_sweep_runs_as_a_periodic_job_once_per_period(
     # Not enabled: not scheduled, and a sweep queued anyway does nothing.
     net.hub.settings.retention = RetentionPolicy()
     assert SWEEP not in {s.name for s in kinds.schedules(net.hub.settings)}
+
+
+def test_removed_images_answer_410_and_cannot_be_sent_again(
+    net: InProcessHub, tmp_path: Path
+) -> None:
+    start = utcnow()
+    gone = send(net, study(tmp_path / "g", "G1"))
+    run(net, start + 31 * DAY)
+    run(net, start + 31 * DAY + 2 * GRACE)  # set aside, then removed for good
+    assert not held(net, gone.blobs)
+    # Reading them says why, in the protocol's terms.
+    r = net.client().get(f"/dicomweb/studies/{gone.study_uid}", headers=net.admin_headers)
+    assert r.status_code == 410 and "retention" in r.json()["detail"], r.text
+    # A transfer made of them could never be delivered: refused with the reason.
+    r = net.client().post(
+        "/api/v1/transfers",
+        headers=net.admin_headers,
+        json={"sender": "SEG", "receiver": "RVH", "study_instance_uids": [gone.study_uid]},
+    )
+    assert r.status_code == 409 and "retention" in r.json()["detail"], r.text

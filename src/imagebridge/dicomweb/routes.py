@@ -136,7 +136,11 @@ def search_series_instances(
 
 def _resolve(hub: Hub, actor: Actor, target: Target, resource: str) -> list[Located]:
     with _answers(), hub.sessions() as session, session.begin():
-        return wado.resolve(session, actor, target, resource)
+        found = wado.resolve(session, actor, target, resource)
+    # Checked before the answer starts: a stream cut short could not say why.
+    if any(not hub.blobs.exists(item.blob_sha256) for item in found):
+        raise FileNotFoundError("removed under the retention policy")
+    return found
 
 
 def _retrieve(request: Request, actor: Actor, hub: Hub, target: Target) -> Response:

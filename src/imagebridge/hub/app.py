@@ -12,6 +12,7 @@ from fastapi.exception_handlers import (
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -68,6 +69,13 @@ def create_app(hub: Hub) -> FastAPI:
         reason = "; ".join(str(e.get("msg", "")) for e in exc.errors())[:300]
         await run_in_threadpool(_audit_refusal, hub, request, 422, reason)
         return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(FileNotFoundError)
+    async def retained_away(request: Request, exc: FileNotFoundError) -> Response:
+        # A stored file that is gone: removed by retention. Say so, rather than fail.
+        reason = "the images asked for are no longer held: removed under the retention policy"
+        await run_in_threadpool(_audit_refusal, hub, request, 410, reason)
+        return JSONResponse({"detail": reason}, status_code=410)
 
     @app.exception_handler(PageRefused)
     async def page_refused(request: Request, exc: PageRefused) -> Response:

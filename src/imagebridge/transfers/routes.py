@@ -21,6 +21,7 @@ from imagebridge.hub.auth import GatewayActor, Sender, Tracker, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
+from imagebridge.retention.models import BlobRemoval, RemovalState
 from imagebridge.storage.blobs import BlobMismatch, BlobStore, BlobWriter
 from imagebridge.storage.services import ensure_blob_rows
 from imagebridge.transfers import services
@@ -32,7 +33,7 @@ from imagebridge.transfers.framing import (
     FrameStart,
     FramingError,
 )
-from imagebridge.transfers.models import Transfer, TransferStatus
+from imagebridge.transfers.models import Transfer, TransferInstance, TransferStatus
 from imagebridge.transfers.services import Outcome, TransferError
 
 router = APIRouter(prefix="/api/v1", tags=["transfers"])
@@ -43,6 +44,7 @@ MAX_BATCH_INSTANCES = 10000
 # A batch streams to disk; beyond this its declared length alone is refused.
 MAX_BATCH_BYTES = 64 * 1024**3
 NOT_YOURS = "no such transfer, or not one your institution may act on"
+RETAINED_AWAY = "the study's images are no longer held: removed under the retention policy"
 
 
 class TransferIn(BaseModel):
@@ -119,6 +121,20 @@ def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
             )
         except TransferError as exc:
             raise HTTPException(409, str(exc)) from exc
+        if body.study_instance_uids:
+            # Removed for good, not merely set aside (a new transfer brings those back).
+            removed = session.scalars(
+                select(BlobRemoval.sha256)
+                .join(TransferInstance, TransferInstance.blob_sha256 == BlobRemoval.sha256)
+                .where(
+                    TransferInstance.transfer_id == transfer.id,
+                    BlobRemoval.state == RemovalState.removed,
+                )
+            )
+            gone = [sha for sha in set(removed) if not hub.blobs.exists(sha)]
+            if gone:
+                # Accepted, it could never be delivered.
+                raise HTTPException(409, RETAINED_AWAY)
         out = services.describe(session, transfer)
         receiver_id = receiver.id
     hub.notifier.nudge(receiver_id)
