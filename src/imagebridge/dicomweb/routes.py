@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -35,6 +36,7 @@ from imagebridge.dicomweb.wado import NotAcceptable, NotFound, Target
 from imagebridge.hub.auth import Sender, get_hub, require
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import Located
+from imagebridge.retention.models import BlobRemoval, RemovalState
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -137,8 +139,17 @@ def search_series_instances(
 def _resolve(hub: Hub, actor: Actor, target: Target, resource: str) -> list[Located]:
     with _answers(), hub.sessions() as session, session.begin():
         found = wado.resolve(session, actor, target, resource)
-    # Checked before the answer starts: a stream cut short could not say why.
-    if any(not hub.blobs.exists(item.blob_sha256) for item in found):
+        # Checked before the answer starts (a stream cut short could not say why), from the
+        # retention records in one query rather than a look at the store per instance.
+        away = set(
+            session.scalars(
+                select(BlobRemoval.sha256).where(
+                    BlobRemoval.sha256.in_({item.blob_sha256 for item in found}),
+                    BlobRemoval.state.in_((RemovalState.aside, RemovalState.removed)),
+                )
+            )
+        )
+    if any(not hub.blobs.exists(sha) for sha in away):
         raise FileNotFoundError("removed under the retention policy")
     return found
 
