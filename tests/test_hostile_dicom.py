@@ -242,14 +242,9 @@ def test_an_element_declaring_0xfffffff0_bytes_is_refused_without_allocating(
     gateway: GatewayProcess, baseline: dict[str, float], instance: Instance
 ) -> None:
     data = bytearray(instance.dataset)
-    pixel_data = next(e for e in elements(instance.dataset) if e[0] == 0x7FE00010)
-    struct.pack_into("<I", data, pixel_data[1] + 8, 0xFFFFFFF0)  # OW: a 4-byte length
-    before = peak_rss_mb(gateway.process.pid)
-    exchange = c_store(gateway.port, Instance(bytes(data), *_uids(instance)))
-    assert exchange.statuses() == [CANNOT_UNDERSTAND]
-    assert "truncated" in exchange.comments()[0]
-    assert peak_rss_mb(gateway.process.pid) - before < 32
-    assert_serving(gateway, baseline)
+    struct.pack_into("<I", data, pixel_data_start(instance) + 8, 0xFFFFFFF0)  # OW: 4 bytes
+    case = Instance(bytes(data), instance.sop_class_uid, instance.sop_instance_uid)
+    assert_refused_without_allocating(gateway, baseline, case, "truncated")
 
 
 @input_path("DICOM: oversized declared lengths")
@@ -257,19 +252,25 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(
     gateway: GatewayProcess, baseline: dict[str, float], instance: Instance
 ) -> None:
     """600 KB that inflate to 600 MB, in the Deflated Explicit VR Little Endian syntax."""
-    pixel_data = next(e for e in elements(instance.dataset) if e[0] == 0x7FE00010)
-    bomb = deflate_bomb(instance.dataset[: pixel_data[1]], 600 * 1024**2)
+    bomb = deflate_bomb(instance.dataset[: pixel_data_start(instance)], 600 * 1024**2)
     assert len(bomb) < 1024**2
+    case = Instance(bomb, instance.sop_class_uid, instance.sop_instance_uid, dimse.DEFLATED_LE)
+    assert_refused_without_allocating(gateway, baseline, case, "inflates to more than")
+
+
+def pixel_data_start(instance: Instance) -> int:
+    return next(start for tag, start, _, _ in elements(instance.dataset) if tag == 0x7FE00010)
+
+
+def assert_refused_without_allocating(
+    gateway: GatewayProcess, baseline: dict[str, float], case: Instance, reason: str
+) -> None:
     before = peak_rss_mb(gateway.process.pid)
-    exchange = c_store(gateway.port, Instance(bomb, *_uids(instance), dimse.DEFLATED_LE))
+    exchange = c_store(gateway.port, case)
     assert exchange.statuses() == [CANNOT_UNDERSTAND]
-    assert "inflates to more than" in exchange.comments()[0]
+    assert reason in exchange.comments()[0]
     assert peak_rss_mb(gateway.process.pid) - before < 32
     assert_serving(gateway, baseline)
-
-
-def _uids(instance: Instance) -> tuple[str, str]:
-    return instance.sop_class_uid, instance.sop_instance_uid
 
 
 def test_no_handler_of_the_gateway_failed(net: Network, gateway: GatewayProcess) -> None:

@@ -64,6 +64,15 @@ def hub_pid(net: Network) -> int:
     return net.hub_process.pid
 
 
+def upload(net: Network, token: str, transfer: str, body: bytes) -> httpx.Response:
+    with httpx.Client(base_url=net.hub_url, timeout=120) as c:
+        return c.post(
+            f"/api/v1/transfers/{transfer}/instances",
+            content=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": MEDIA_TYPE},
+        )
+
+
 def raw_request(net: Network, head: str, body: bytes) -> tuple[int, bytes]:
     """Send a request by hand (its headers may lie about the body); the status and what
     the hub said."""
@@ -141,15 +150,7 @@ def test_a_frame_declaring_100_gb_is_refused_without_allocating(
 ) -> None:
     before = peak_rss_mb(hub_pid(net))
     body = frame_header(hashlib.sha256(b"x").hexdigest(), 100 * 10**9) + b"x" * 65536
-    with httpx.Client(base_url=net.hub_url, timeout=30) as c:
-        r = c.post(
-            f"/api/v1/transfers/{transfer}/instances",
-            content=body,
-            headers={
-                "Authorization": f"Bearer {credentials['gateway']}",
-                "Content-Type": MEDIA_TYPE,
-            },
-        )
+    r = upload(net, credentials["gateway"], transfer, body)
     assert r.status_code == 400, r.text
     assert "exceeds" in r.json()["detail"]
     assert peak_rss_mb(hub_pid(net)) - before < 16
@@ -171,15 +172,7 @@ def test_a_batch_of_thousands_of_small_blobs_needs_no_descriptor_each(
 ) -> None:
     blobs = [b"not DICOM %d" % n for n in range(3000)]
     body = b"".join(frame_header(hashlib.sha256(b).hexdigest(), len(b)) + b for b in blobs)
-    with httpx.Client(base_url=net.hub_url, timeout=120) as c:
-        r = c.post(
-            f"/api/v1/transfers/{transfer}/instances",
-            content=body,
-            headers={
-                "Authorization": f"Bearer {credentials['gateway']}",
-                "Content-Type": MEDIA_TYPE,
-            },
-        )
+    r = upload(net, credentials["gateway"], transfer, body)
     assert r.status_code == 200, r.text[:300]
     assert len(r.json()["refused"]) == len(blobs)
     assert {x["reason"] for x in r.json()["refused"]} == {"not a DICOM Part 10 file"}

@@ -157,32 +157,25 @@ def test_hostile_multipart_bodies_are_read_or_refused(
 # -- settings files ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("kind", "keys"),
+    [(HubSettings, HUB_KEYS), (GatewaySettings, GATEWAY_KEYS)],
+    ids=["hub", "gateway"],
+)
 @budget(300)
-@given(document=settings_documents(HUB_KEYS))
-@input_path("TOML: hub settings")
-def test_hub_settings_load_or_say_what_is_wrong(tmp_path: Path, document: bytes) -> None:
-    path = tmp_path / "hub.toml"
-    path.write_bytes(document)
+@given(data=st.data())
+@input_path("TOML: settings files")
+def test_settings_load_or_say_what_is_wrong(
+    tmp_path: Path, kind: type[HubSettings | GatewaySettings], keys: list[str], data: st.DataObject
+) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_bytes(data.draw(settings_documents(keys)))
     try:
-        settings = HubSettings.load(path)
+        settings = kind.load(path)
     except SettingsError as exc:
         assert str(exc).startswith(str(path))
         return
-    assert isinstance(settings, HubSettings)
-
-
-@budget(300)
-@given(document=settings_documents(GATEWAY_KEYS))
-@input_path("TOML: gateway settings")
-def test_gateway_settings_load_or_say_what_is_wrong(tmp_path: Path, document: bytes) -> None:
-    path = tmp_path / "gateway.toml"
-    path.write_bytes(document)
-    try:
-        settings = GatewaySettings.load(path)
-    except SettingsError as exc:
-        assert str(exc).startswith(str(path))
-        return
-    assert isinstance(settings, GatewaySettings)
+    assert isinstance(settings, kind)
 
 
 def test_a_refusal_names_the_setting_but_never_its_value(tmp_path: Path) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from fastapi import Path
+
 INT32_MAX = 2**31 - 1
 
 
@@ -15,3 +19,8 @@ def whole_number(text: str, low: int = 0, high: int = INT32_MAX) -> int | None:
         return None
     value = int(text)
     return value if low <= value <= high else None
+
+
+# A row's id in a path: the database's integers end at 2**31 - 1 (PostgreSQL's integer), and a
+# larger number must be "not valid" (422), not an error of the database (500).
+RowId = Annotated[int, Path(ge=1, le=INT32_MAX)]

@@ -21,13 +21,15 @@ _PATH_OF_TEST: dict[str, str] = {}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def budget(cases: int) -> settings:
-    """Hypothesis settings: ``cases`` examples under pytest, or the harness's number.
+def budget(cases: int, share: int = 1) -> settings:
+    """Hypothesis settings: ``cases`` examples under pytest, or the harness's number (divided
+    by ``share`` where one budget is spread over many targets).
 
     No deadline (the peers are real processes on a shared machine) and no example database
     (nothing written into the source tree); a failure prints its reproduction either way.
     """
-    wanted = int(os.environ.get(CASES_ENV) or cases)
+    harness = int(os.environ.get(CASES_ENV) or 0)
+    wanted = max(1, harness // share) if harness else cases
     return settings(
         max_examples=wanted,
         deadline=None,

@@ -17,6 +17,7 @@ from imagebridge.accounts.models import ApiToken, Role, User, WebSession
 from imagebridge.accounts.permissions import Permission
 from imagebridge.actors import Actor, manages
 from imagebridge.audit.services import record
+from imagebridge.counts import RowId
 from imagebridge.hub.auth import (
     SESSION_COOKIE,
     InstitutionAdmin,
@@ -325,7 +326,9 @@ def my_sessions(actor: Person, request: Request, hub: HubDep) -> list[dict[str, 
 
 
 @router.post("/auth/sessions/{session_id}/end")
-def end_my_session(session_id: int, actor: Person, request: Request, hub: HubDep) -> dict[str, Any]:
+def end_my_session(
+    session_id: RowId, actor: Person, request: Request, hub: HubDep
+) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         row = session.get(WebSession, session_id)
         if row is None or row.user_id != actor.user_id:
@@ -389,7 +392,7 @@ def list_tokens(actor: Person, hub: HubDep) -> list[dict[str, Any]]:
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(token_id: int, actor: Person, request: Request, hub: HubDep) -> dict[str, Any]:
+def revoke_token(token_id: RowId, actor: Person, request: Request, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         row = session.get(ApiToken, token_id)
         if row is None or row.user_id != actor.user_id:
@@ -482,7 +485,7 @@ def list_users(actor: InstitutionAdmin, hub: HubDep) -> list[dict[str, Any]]:
 
 @router.put("/users/{user_id}/roles")
 def set_roles(
-    user_id: int, body: RolesIn, actor: InstitutionAdmin, request: Request, hub: HubDep
+    user_id: RowId, body: RolesIn, actor: InstitutionAdmin, request: Request, hub: HubDep
 ) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         user = _managed_user(session, actor, user_id)
@@ -538,26 +541,30 @@ def _admin_action(
 
 
 @router.post("/users/{user_id}/unlock")
-def unlock(user_id: int, actor: InstitutionAdmin, request: Request, hub: HubDep) -> dict[str, Any]:
+def unlock(
+    user_id: RowId, actor: InstitutionAdmin, request: Request, hub: HubDep
+) -> dict[str, Any]:
     return _admin_action(hub, actor, request, user_id, "unlock")
 
 
 @router.post("/users/{user_id}/sessions/end")
 def end_sessions(
-    user_id: int, actor: InstitutionAdmin, request: Request, hub: HubDep
+    user_id: RowId, actor: InstitutionAdmin, request: Request, hub: HubDep
 ) -> dict[str, Any]:
     return _admin_action(hub, actor, request, user_id, "sessions-ended")
 
 
 @router.post("/users/{user_id}/second-factor/reset")
 def reset_second_factor(
-    user_id: int, actor: InstitutionAdmin, request: Request, hub: HubDep
+    user_id: RowId, actor: InstitutionAdmin, request: Request, hub: HubDep
 ) -> dict[str, Any]:
     return _admin_action(hub, actor, request, user_id, "second-factor-reset")
 
 
 @router.post("/users/{user_id}/disable")
-def disable(user_id: int, actor: InstitutionAdmin, request: Request, hub: HubDep) -> dict[str, Any]:
+def disable(
+    user_id: RowId, actor: InstitutionAdmin, request: Request, hub: HubDep
+) -> dict[str, Any]:
     return _admin_action(hub, actor, request, user_id, "disabled")
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 
 from imagebridge.audit import services
 from imagebridge.audit.chain import Anchor
+from imagebridge.counts import INT32_MAX
 from imagebridge.hub.auth import Auditor, get_hub
 from imagebridge.hub.state import Hub
 
@@ -35,7 +36,7 @@ def list_events(
     until: Annotated[
         datetime | None, Query(description="Before this time (ISO 8601, with zone)")
     ] = None,
-    after_id: int = 0,
+    after_id: Annotated[int, Query(ge=0, le=INT32_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> list[dict[str, Any]]:
     for name, value in (("since", since), ("until", until)):

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from imagebridge.actors import manages
 from imagebridge.audit.services import record
+from imagebridge.counts import RowId
 from imagebridge.hub.auth import DirectoryReader, InstitutionAdmin, NetworkAdmin, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution
@@ -90,7 +91,7 @@ def add_gateway(code: str, body: GatewayIn, actor: InstitutionAdmin, hub: HubDep
 
 
 @router.post("/gateways/{gateway_id}/revoke")
-def revoke(gateway_id: int, actor: InstitutionAdmin, hub: HubDep) -> dict[str, Any]:
+def revoke(gateway_id: RowId, actor: InstitutionAdmin, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         gateway = session.get(Gateway, gateway_id)
         if gateway is None or not manages(actor, gateway.institution_id):

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from imagebridge.actors import Actor, manages
 from imagebridge.audit.services import record
-from imagebridge.counts import whole_number
+from imagebridge.counts import RowId, whole_number
 from imagebridge.hub.auth import InstitutionAdmin, P, get_hub, require
 from imagebridge.hub.state import Hub
 from imagebridge.index.visibility import Scope, scope_of
@@ -384,7 +384,7 @@ def list_flags(
 
 @router.post("/api/v1/patients/flags/{flag_id}/resolve")
 def resolve_flag(
-    flag_id: int, body: ResolveIn, actor: InstitutionAdmin, hub: HubDep
+    flag_id: RowId, body: ResolveIn, actor: InstitutionAdmin, hub: HubDep
 ) -> dict[str, Any]:
     """Record what a person found and did about a flag; the identifiers stay as they are."""
     with hub.sessions() as session, session.begin():

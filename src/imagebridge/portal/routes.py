@@ -22,6 +22,7 @@ from imagebridge.accounts.permissions import Permission
 from imagebridge.actors import Actor
 from imagebridge.audit import services as audit
 from imagebridge.audit.services import record
+from imagebridge.counts import RowId
 from imagebridge.hub.auth import PageRefused, get_hub, public, require, require_page
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import QueryError
@@ -236,7 +237,7 @@ def patient_search(body: PatientIn, actor: FindingPart, hub: HubDep) -> HTMLResp
 
 
 @router.get("/portal/studies/{study_id}")
-def viewer(study_id: int, request: Request, actor: Viewing, hub: HubDep) -> HTMLResponse:
+def viewer(study_id: RowId, request: Request, actor: Viewing, hub: HubDep) -> HTMLResponse:
     with hub.sessions() as session, session.begin():
         study = studies.visible_study(session, actor, study_id)
         if study is None:
@@ -264,7 +265,7 @@ def viewer(study_id: int, request: Request, actor: Viewing, hub: HubDep) -> HTML
 
 
 @router.get("/portal/reports/{report_id}")
-def report(report_id: int, actor: ViewingPart, hub: HubDep) -> Response:
+def report(report_id: RowId, actor: ViewingPart, hub: HubDep) -> Response:
     with hub.sessions() as session, session.begin():
         found = studies.readable_report(session, actor, report_id)
         if found is None:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from imagebridge.audit.services import record
+from imagebridge.counts import RowId
 from imagebridge.hub.auth import InstitutionAdmin, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
@@ -91,7 +92,7 @@ def place_hold(body: HoldIn, actor: InstitutionAdmin, hub: HubDep) -> dict[str, 
 
 @router.post("/legal-holds/{hold_id}/release")
 def release_hold(
-    hold_id: int, body: ReleaseIn, actor: InstitutionAdmin, hub: HubDep
+    hold_id: RowId, body: ReleaseIn, actor: InstitutionAdmin, hub: HubDep
 ) -> dict[str, Any]:
     """Lift a hold: the study's images follow the retention policy again."""
     with hub.sessions() as session, session.begin():

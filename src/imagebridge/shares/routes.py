@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from imagebridge.accounts.models import User
 from imagebridge.actors import Actor
 from imagebridge.audit.services import record
+from imagebridge.counts import RowId
 from imagebridge.hub.auth import SharedViewer, Sharer, get_hub
 from imagebridge.hub.state import Hub
 from imagebridge.index.models import Instance, Series
@@ -93,7 +94,7 @@ def list_shares(actor: Sharer, hub: HubDep) -> list[dict[str, Any]]:
 
 
 @router.post("/shares/{share_id}/revoke")
-def revoke_share(share_id: int, actor: Sharer, hub: HubDep) -> dict[str, Any]:
+def revoke_share(share_id: RowId, actor: Sharer, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         share = session.get(Share, share_id)
         if share is None or share.institution_id != actor.institution_id:
@@ -166,7 +167,7 @@ def _live(session: Session, actor: Actor, share_id: int, hub: Hub) -> Share:
 
 
 @router.get("/shared/{share_id}")
-def view_share(share_id: int, actor: SharedViewer, hub: HubDep) -> dict[str, Any]:
+def view_share(share_id: RowId, actor: SharedViewer, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         share = _live(session, actor, share_id, hub)
         _viewed(session, actor, share, "share:study:viewed")
@@ -179,7 +180,7 @@ def view_share(share_id: int, actor: SharedViewer, hub: HubDep) -> dict[str, Any
 
 
 @router.get("/shared/{share_id}/package", response_class=FileResponse)
-def download_package(share_id: int, actor: SharedViewer, hub: HubDep) -> FileResponse:
+def download_package(share_id: RowId, actor: SharedViewer, hub: HubDep) -> FileResponse:
     """The shared studies and their reports as a zip of DICOM files with a DICOMDIR."""
     fd, name = tempfile.mkstemp(prefix="ib-share-", suffix=".zip")
     os.close(fd)
