@@ -20,6 +20,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import text
 
 from fuzz.checks import assert_blob_store_whole
 from fuzz.figures import budget, input_path
@@ -90,6 +91,19 @@ def assert_refusal_says_why(r: httpx.Response) -> None:
     assert reason.strip(), f"{r.status_code} without a reason"
 
 
+def refusals(hub: InProcessHub) -> int:
+    """Audit events of refused or failed requests so far."""
+    with hub.hub.engine.connect() as connection:
+        query = "SELECT count(*) FROM audit_events WHERE outcome IN ('refused', 'failure')"
+        count: int = connection.execute(text(query)).scalar_one()
+        return count
+
+
+def assert_refusal_audited(hub: InProcessHub, before: int, r: httpx.Response) -> None:
+    if r.status_code >= 400 or r.status_code == 202:  # 202: some parts refused
+        assert refusals(hub) > before, f"{r.status_code} left no audit event"
+
+
 async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
     for start in range(0, len(body), size):
         yield body[start : start + size]
@@ -112,6 +126,7 @@ def test_stow_bodies_store_whole_parts_and_refuse_the_rest(
     hub: InProcessHub, pacs: Person, files: list[Part10], data: st.DataObject
 ) -> None:
     request: StowRequest = data.draw(stow_requests(files))
+    before = refusals(hub)
     r = pacs.post(
         "/dicomweb/studies",
         content=_chunks(request.body, request.chunk),
@@ -119,6 +134,7 @@ def test_stow_bodies_store_whole_parts_and_refuse_the_rest(
     )
     assert r.status_code in (200, 202, 400, 409, 413, 415), (r.status_code, r.text[:300])
     assert_refusal_says_why(r)
+    assert_refusal_audited(hub, before, r)
     if request.well_formed:
         expected = sum(p.stored for p in request.parts)
         assert stored_and_failed(r) == (expected, len(request.parts) - expected), [
@@ -159,13 +175,15 @@ def indexed(pacs: Person, files: list[Part10]) -> tuple[str, str, str]:
 @given(data=st.data())
 @input_path("HTTP: QIDO-RS parameters")
 def test_qido_searches_answer_or_say_what_is_wrong(
-    pacs: Person, indexed: tuple[str, str, str], data: st.DataObject
+    hub: InProcessHub, pacs: Person, indexed: tuple[str, str, str], data: st.DataObject
 ) -> None:
     path, params, accept = data.draw(qido_searches(*indexed[:2]))
     headers = {"Accept": accept} if accept is not None else {}
+    before = refusals(hub)
     r = pacs.get("/dicomweb" + path, params=params, headers=headers)
     assert r.status_code in (200, 204, 400, 404, 406), (r.status_code, r.text[:300])
     assert_refusal_says_why(r)
+    assert_refusal_audited(hub, before, r)
     if r.status_code == 200:
         assert isinstance(r.json(), list)
 
@@ -174,13 +192,15 @@ def test_qido_searches_answer_or_say_what_is_wrong(
 @given(data=st.data())
 @input_path("HTTP: WADO-RS parameters")
 def test_retrieves_answer_or_say_what_is_wrong(
-    pacs: Person, indexed: tuple[str, str, str], data: st.DataObject
+    hub: InProcessHub, pacs: Person, indexed: tuple[str, str, str], data: st.DataObject
 ) -> None:
     path, params, accept = data.draw(retrieve_requests(*indexed))
     headers = {"Accept": accept} if accept is not None else {}
+    before = refusals(hub)
     r = pacs.get("/dicomweb" + path, params=params, headers=headers)
     assert r.status_code in (200, 400, 404, 406), (path, r.status_code, r.text[:300])
     assert_refusal_says_why(r)
+    assert_refusal_audited(hub, before, r)
     if r.content[128:132] == b"DICM":
         assert not any(r.content[:128]), "a preamble passed on"
 
@@ -188,9 +208,13 @@ def test_retrieves_answer_or_say_what_is_wrong(
 @budget(100)
 @given(data=st.data())
 @input_path("HTTP: FHIR PIXm/PDQm parameters")
-def test_patient_lookups_answer_or_say_what_is_wrong(pacs: Person, data: st.DataObject) -> None:
+def test_patient_lookups_answer_or_say_what_is_wrong(
+    hub: InProcessHub, pacs: Person, data: st.DataObject
+) -> None:
     path, params = data.draw(fhir_requests())
+    before = refusals(hub)
     r = pacs.get(path, params=params)
+    assert_refusal_audited(hub, before, r)
     # 307: "/fhir/Patient/" is redirected to "/fhir/Patient".
     assert r.status_code in (200, 307, 400, 403, 404), (path, r.status_code, r.text[:300])
     if r.status_code >= 400 and "detail" not in r.json():  # else: no such route at all
@@ -268,8 +292,11 @@ def test_framed_uploads_accept_sound_blobs_and_refuse_each_bad_one(
     client = hub.client()
     transfer = open_transfer(client, gateway)
     body, frames = data.draw(frame_streams(files[1:], held))
+    before = refusals(hub)
     r = upload(client, gateway, transfer, body, data.draw(st.sampled_from([1, 40, 4096, 65536])))
     assert r.status_code == 200, (r.status_code, r.text[:300])
+    if r.json()["refused"]:
+        assert refusals(hub) > before, "refused instances left no audit event"
     answer = r.json()
     assert set(answer["accepted"]) == {f.sha256 for f in frames if f.accepted}
     refused = {x["sha256"]: x["reason"] for x in answer["refused"]}
@@ -289,8 +316,10 @@ def test_broken_framing_is_refused_whole(
 ) -> None:
     client = hub.client()
     transfer = open_transfer(client, gateway)
+    before = refusals(hub)
     r = upload(client, gateway, transfer, data.draw(broken_frame_streams(files)), 4096)
     assert r.status_code in (400, 413), (r.status_code, r.text[:300])
+    assert_refusal_audited(hub, before, r)
     assert "malformed blob stream" in r.json()["detail"]
     state = client.get(f"/api/v1/transfers/{transfer}", headers=hub.admin_headers).json()
     assert state["instances_total"] == 0
@@ -321,9 +350,11 @@ def test_reports_are_stored_only_when_they_are_what_they_claim(
     url = f"/api/v1/transfers/{report_transfer}"
     before = len(client.get(url, headers=hub.admin_headers).json()["reports"])
     headers = {**gateway, "Content-Type": media_type} if media_type else dict(gateway)
+    refused_before = refusals(hub)
     r = client.post(url + "/reports", params=params, content=body, headers=headers)
     assert r.status_code in (201, 400, 409, 413, 415, 422), (r.status_code, r.text[:300])
     assert_refusal_says_why(r)
+    assert_refusal_audited(hub, refused_before, r)
     after = len(client.get(url, headers=hub.admin_headers).json()["reports"])
     kind = media_type.split(";")[0].strip().lower()
     if r.status_code == 201:

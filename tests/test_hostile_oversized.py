@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from conftest import audit_events
 from fuzz.checks import our_tracebacks, peak_rss_mb
 from fuzz.figures import input_path
 from imagebridge.demo.network import Network
@@ -115,6 +116,9 @@ def test_a_content_length_of_a_terabyte_is_refused_at_once(
     assert status == 413, answer[:300]
     assert time.monotonic() - started < 10
     assert peak_rss_mb(hub_pid(net)) - before < 16
+    path = line.split(" ")[1].format(transfer=transfer)
+    refused = audit_events(net, "http:request:refused")
+    assert [e for e in refused if e["detail"]["path"] == path and e["detail"]["status"] == 413]
 
 
 @input_path("HTTP: oversized declared lengths")
