@@ -263,6 +263,9 @@ class Spool:
             now = time.monotonic()
             if now - checked_at >= SPACE_CHECK_SECONDS or free - incoming < self.min_free_bytes:
                 checked_at, free = now, self._disk_free(self.root)
+            if free - incoming < self.min_free_bytes and self._drop_reusable():
+                # Spent files kept for reuse must not hold the disk full: they go first.
+                checked_at, free = now, self._disk_free(self.root)
             if free - incoming < self.min_free_bytes:
                 self._space = (checked_at, free)
                 raise SpoolFull("spool disk nearly full")
