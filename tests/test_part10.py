@@ -196,3 +196,31 @@ def test_edge_values_read_as_pydicom_reads_them(
             header = read_header(out.getvalue())
             for keyword in EDGE_VALUES:
                 assert header.text(keyword) == _text(written, keyword), (keyword, round_)
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"SQ", b"OB"):
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def test_a_damaged_sequence_in_the_header_is_refused_when_read() -> None:
+    """Found when the header is read, not later while the hub indexes it."""
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 8) + b"\xff" * 8
+    dataset = b"".join(
+        (
+            _element(0x00080016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\x00"),
+            _element(0x00080018, b"UI", b"1.2.3.4"),
+            _element(0x00100020, b"LO", b"ID-1  "),
+            _element(0x00101002, b"SQ", item),
+            _element(0x0020000D, b"UI", b"1.2.3.5\x00"),
+            _element(0x0020000E, b"UI", b"1.2.3.6\x00"),
+        )
+    )
+    meta = file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1")
+    with pytest.raises(BadDataset):
+        read_header(meta + dataset)
+    whole = _element(0x00101002, b"SQ", b"")  # an empty sequence reads as no items
+    header = read_header(meta + dataset.replace(_element(0x00101002, b"SQ", item), whole))
+    assert header.items("OtherPatientIDsSequence") == []
+    assert header.text("PatientID") == "ID-1"

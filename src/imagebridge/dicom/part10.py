@@ -71,6 +71,24 @@ class BadDataset(ValueError):
 
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# What ImageBridge routes and indexes by: read once when the header is, so that a value that
+# cannot be read refuses the dataset then, not when it is being indexed.
+INDEXED = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "InstanceNumber",
+)
+OTHER_IDS = "OtherPatientIDsSequence"
 _UID = re.compile(r"[0-9.]{1,64}")
 HEADER_END_TAG = 0x00210000  # what ImageBridge routes and indexes by is in groups 0008-0020
 SPECIFIC_CHARACTER_SET = 0x00080005
@@ -98,6 +116,7 @@ class Elements:
         self._syntax = syntax
         self._encodings = encodings or [default_encoding]
         self._texts: dict[str, str] = {}
+        self._items: dict[str, list[Elements]] = {}
         if terms := self.value(SPECIFIC_CHARACTER_SET):
             self._encodings = convert_encodings(terms)
 
@@ -162,6 +181,12 @@ class Elements:
 
     def items(self, keyword: str) -> list[Elements]:
         """The items of a sequence element; [] if it is absent or empty."""
+        items = self._items.get(keyword)
+        if items is None:
+            items = self._items[keyword] = self._parse_items(keyword)
+        return items
+
+    def _parse_items(self, keyword: str) -> list[Elements]:
         found = self._elements.get(_tag(keyword))
         if found is None:
             return []
@@ -295,6 +320,11 @@ def _header_of(buf: Buffer, start: int, syntax: UID) -> Header:
             raise BadDataset(f"missing {keyword}")
         if not _UID.fullmatch(value):
             raise BadDataset(f"invalid {keyword}")
+    for keyword in INDEXED:
+        header.text(keyword)
+    for item in header.items(OTHER_IDS):
+        item.text("PatientID")
+        item.text("IssuerOfPatientID")
     walk(buf, end, order, syntax.is_implicit_VR)  # the rest, so that it is whole
     return header
 
