@@ -4,12 +4,15 @@ searches, the gateways' framed blob stream and uploaded reports."""
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from urllib.parse import quote
 
 from hypothesis import strategies as st
 
+from imagebridge.dicom.part10 import read_meta, walk
 from imagebridge.dicom.reports import minimal_pdf
 from imagebridge.transfers.framing import frame_header
 
@@ -31,6 +34,12 @@ class Part10:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    @cached_property
+    def boundaries(self) -> frozenset[int]:
+        """Where its top-level elements end: a cut there leaves a shorter, whole dataset."""
+        start = read_meta(io.BytesIO(self.data)).dataset_offset
+        return frozenset(end for _, _, _, end in walk(self.data, start, "<", implicit=False))
 
 
 @dataclass(frozen=True)
@@ -456,7 +465,12 @@ def frame_streams(draw: st.DrawFn, files: list[Part10], held: Part10) -> tuple[b
             sha = hashlib.sha256(b"other" + good.data).hexdigest()
             frame = Frame(frame_header(sha, len(good.data)) + good.data, sha, False, kind)
         elif kind == "truncated":
-            cut = good.data[: draw(st.integers(0, len(good.data) - 1))]
+            # Cut inside an element: cut between two, a dataset is only shorter, and nothing
+            # in it can tell (a PACS that sends an image without its pixel data is not hostile
+            # input but a broken PACS).
+            inside = sorted(set(range(len(good.data))) - good.boundaries)
+            at = draw(st.sampled_from(inside))
+            cut = good.data[:at]
             sha = hashlib.sha256(cut).hexdigest()
             frame = Frame(frame_header(sha, len(cut)) + cut, sha, False, kind)
         elif kind == "noise":
