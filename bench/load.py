@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from exchange import cpu_seconds, peak_rss_mb
 from imagebridge.demo.network import Network
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 from imagebridge.dicom.part10 import read_meta
@@ -57,16 +58,10 @@ class Figures:
     seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per instance or request
 
     def add(self, kind: str, seconds: float) -> None:
         self.latencies.setdefault(kind, []).append(seconds)
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError("VmHWM")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -271,13 +266,24 @@ def run(
             "SEG", calling_aes=[{"ae_title": CALLING, "host": "127.0.0.1"}], study_stable_seconds=2
         )
         token = net.user_token("SEG", "radiologist", ["radiologist"], SCOPES)
+        assert net.hub_process is not None
+        hub, gateway = net.hub_process.pid, net.gateways["SEG"].process.pid
+        cpu = {"gateway": cpu_seconds(gateway), "hub": cpu_seconds(hub)}
         dicom_load(net, studies, scu, figures)
         wait_until_indexed(net, figures.counts["instances"], figures, timeout=600)
-        assert net.hub_process is not None
-        figures.peak_rss_mb["gateway"] = peak_rss_mb(net.gateways["SEG"].process.pid)
-        figures.peak_rss_mb["hub after DICOM"] = peak_rss_mb(net.hub_process.pid)
-        http_load(net, token, targets_of(studies, net, token), clients, requests, figures)
-        figures.peak_rss_mb["hub after HTTP"] = peak_rss_mb(net.hub_process.pid)
+        n = figures.counts["instances"]
+        figures.cpu_ms["gateway per instance"] = (cpu_seconds(gateway) - cpu["gateway"]) / n
+        figures.cpu_ms["hub per instance"] = (cpu_seconds(hub) - cpu["hub"]) / n
+        figures.peak_rss_mb["gateway"] = peak_rss_mb(gateway)
+        figures.peak_rss_mb["hub after DICOM"] = peak_rss_mb(hub)
+        targets = targets_of(studies, net, token)
+        cpu = {"hub": cpu_seconds(hub), "clients": time.process_time()}
+        http_load(net, token, targets, clients, requests, figures)
+        n = figures.counts["requests"]
+        figures.cpu_ms["hub per request"] = (cpu_seconds(hub) - cpu["hub"]) / n
+        # The clients share the machine's cores with the hub: what they cost is said too.
+        figures.cpu_ms["clients per request"] = (time.process_time() - cpu["clients"]) / n
+        figures.peak_rss_mb["hub after HTTP"] = peak_rss_mb(hub)
     finally:
         net.stop()
     return figures
@@ -305,6 +311,9 @@ def report(figures: Figures, args: argparse.Namespace) -> str:
     )
     lines.append(
         "peak memory   " + ", ".join(f"{k} {v:.0f} MB" for k, v in figures.peak_rss_mb.items())
+    )
+    lines.append(
+        "CPU           " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in figures.cpu_ms.items())
     )
     lines.append(f"failures      {len(figures.failures)}")
     lines += [f"  {f}" for f in figures.failures[:20]]

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from conftest import require_tool
+from fuzz.figures import input_path
 from fuzz.http_inputs import EXECUTABLE, with_preamble
 from hubapp import INSIDE, InProcessHub
 from imagebridge.demo.network import Network, free_port, stop_process, wait_for_port
@@ -80,6 +81,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         stop_process(process)
 
 
+@input_path("DICOM files with an executable in the preamble")
 def test_a_polyglot_sent_by_a_pacs_arrives_without_its_executable(
     network: Network, storescp: tuple[int, Path], tmp_path: Path
 ) -> None:
@@ -159,6 +161,7 @@ def stow(hub: InProcessHub, files: list[Path]) -> httpx.Response:
 
 
 @pytest.mark.parametrize("preamble", [EXECUTABLE, ELF], ids=["PE", "ELF"])
+@input_path("DICOM files with an executable in the preamble")
 def test_a_polyglot_stored_with_stow_rs_is_kept_with_a_zero_preamble(
     hub: InProcessHub, tmp_path: Path, preamble: bytes
 ) -> None:
@@ -171,6 +174,7 @@ def test_a_polyglot_stored_with_stow_rs_is_kept_with_a_zero_preamble(
         assert_neutralised(path.read_bytes(), preamble)
 
 
+@input_path("DICOM files with an executable in the preamble")
 def test_a_polyglot_uploaded_by_a_gateway_is_refused_with_its_reason(
     hub: InProcessHub, tmp_path: Path
 ) -> None:
@@ -200,6 +204,7 @@ def test_a_polyglot_uploaded_by_a_gateway_is_refused_with_its_reason(
     assert stored(hub) == []
 
 
+@input_path("DICOM files with an executable in the preamble")
 def test_a_blob_stored_before_the_hub_refused_polyglots_is_still_passed_on_neutralised(
     hub: InProcessHub, tmp_path: Path
 ) -> None:

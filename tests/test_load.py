@@ -21,6 +21,7 @@ HUB_PEAK_MB = 400
 
 
 def bench_load() -> ModuleType:
+    sys.path.insert(0, str(BENCH.parent))  # it uses the exchange benchmark's helpers
     spec = importlib.util.spec_from_file_location("bench_load", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
