@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy import select
 
+from hubapp import InProcessHub
 from imagebridge.db import make_engine, make_sessionmaker, transaction
+from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.migrate import upgrade
 from imagebridge.storage.models import Blob
+from imagebridge.transfers.framing import MEDIA_TYPE, encode_files
 
 
 def test_times_come_back_in_utc_whatever_the_session_zone(database_url: str) -> None:
@@ -26,3 +32,56 @@ def test_times_come_back_in_utc_whatever_the_session_zone(database_url: str) -> 
         assert read.isoformat() == "2026-06-02T04:30:00+00:00"
     finally:
         engine.dispose()
+
+
+def test_text_the_database_cannot_hold_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """PostgreSQL holds no NUL character in text (SQLite does): a search or a retrieve that
+    carries one is answered 400 with the reason, and audited, never with a crash."""
+    hub = InProcessHub(tmp_path / "hub")
+    try:
+        hub.add_institution("SEG")
+        for url, path, params in (
+            ("/api/v1/audit", "/api/v1/audit", {"patient": "P\x001", "study": "1.2\x00"}),
+            ("/dicomweb/studies/1.2%00.3", "/dicomweb/studies/1.2\x00.3", {}),
+            ("/api/v1/transfers", "/api/v1/transfers", {"status": "queued\x00"}),
+        ):
+            r = hub.client().get(url, params=params, headers=hub.admin_headers)
+            assert r.status_code in (200, 400, 404), (url, r.status_code, r.text)
+            if r.status_code == 400:
+                assert r.json()["detail"] == "text may not contain NUL characters"
+                events = hub.admin("GET", "/api/v1/audit", params={"action": "http:request:"})
+                assert [e["detail"]["status"] for e in events.json()][-1] == 400
+                assert [e["detail"]["path"] for e in events.json()][-1] == path
+    finally:
+        hub.close()
+
+
+def test_an_instance_with_a_nul_in_its_text_is_refused_on_its_own(tmp_path: Path) -> None:
+    """NUL pads only UIDs in DICOM, and PostgreSQL stores none: the instance is refused with
+    the reason on either database, and the rest of its batch is filed."""
+    study = generate_ct_study(tmp_path / "ct", slices=2, rows=16, columns=16)
+    damaged = dcmread(study.paths[0])
+    damaged.PatientName = "DOE^A\x00NNE"
+    damaged.save_as(study.paths[0])
+    hub = InProcessHub(tmp_path / "hub")
+    try:
+        hub.add_institution("SEG")
+        hub.add_institution("RVH")
+        headers = {"Authorization": f"Bearer {hub.gateway_token('SEG')}"}
+        client = hub.client()
+        r = client.post(
+            "/api/v1/transfers", headers=headers, json={"receiver": "RVH", "origin": "dicom"}
+        )
+        items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in study.paths]
+        r = client.post(
+            f"/api/v1/transfers/{r.json()['id']}/instances",
+            headers={**headers, "Content-Type": MEDIA_TYPE},
+            content=b"".join(encode_files(items)),
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == [items[1][0]]
+        assert r.json()["refused"] == [
+            {"sha256": items[0][0], "reason": "a text value of the instance holds a NUL character"}
+        ]
+    finally:
+        hub.close()

@@ -22,7 +22,7 @@ from imagebridge.dicom.part10 import BadDataset, Header, file_meta, read_header,
 from imagebridge.dicomweb import dicomjson
 from imagebridge.dicomweb.media import DICOM
 from imagebridge.hub.state import Hub
-from imagebridge.index.services import IdentityConflict, index_instances
+from imagebridge.index.services import NotIndexed, index_instances
 from imagebridge.storage.blobs import BlobMismatch, BlobWriter
 from imagebridge.storage.services import ensure_blob_rows
 
@@ -173,7 +173,7 @@ def store(
             session, actor.institution_id, [(h, sha, size) for _, h, sha, size in ready]
         )
         for (part, header, _, _), indexed in zip(ready, results, strict=True):
-            if isinstance(indexed, IdentityConflict):
+            if isinstance(indexed, NotIndexed):
                 failed.append((part, Failure(PROCESSING_FAILURE, str(indexed))))
             else:
                 stored.append((part, header))

@@ -13,6 +13,7 @@ from fastapi.exception_handlers import (
 )
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,6 +77,19 @@ def create_app(hub: Hub) -> FastAPI:
         reason = "the images asked for are no longer held: removed under the retention policy"
         await run_in_threadpool(_audit_refusal, hub, request, 410, reason)
         return JSONResponse({"detail": reason}, status_code=410)
+
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, exc: DataError) -> Response:
+        # A value PostgreSQL cannot hold or compare: a NUL character in text, a number beyond
+        # its column (SQLite takes whatever it is given). Its kind only: the value may name
+        # a patient.
+        orig = exc.orig
+        if "NUL" in str(orig):
+            reason = "text may not contain NUL characters"
+        else:
+            reason = f"a value the database cannot hold ({type(orig).__name__})"
+        await run_in_threadpool(_audit_refusal, hub, request, 400, reason)
+        return JSONResponse({"detail": reason}, status_code=400)
 
     @app.exception_handler(PageRefused)
     async def page_refused(request: Request, exc: PageRefused) -> Response:

@@ -15,8 +15,30 @@ from imagebridge.nhs import normalise_nhs_number
 from imagebridge.patients.services import link_indexed
 
 
-class IdentityConflict(ValueError):
+class NotIndexed(ValueError):
+    """An instance the index refuses, with the reason; nothing of it is filed."""
+
+
+class IdentityConflict(NotIndexed):
     """An instance whose study is already filed under another patient: never merged silently."""
+
+
+# The text values the index keeps (UIDs are checked when the header is read).
+INDEXED_TEXT = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "InstanceNumber",
+)
 
 
 @dataclass
@@ -62,7 +84,7 @@ def index_instances(
     institution_id: int,
     items: list[tuple[Header, str, int]],
     nhs_issuer: str = "NHS",
-) -> list[Indexed | IdentityConflict]:
+) -> list[Indexed | NotIndexed]:
     """Index a batch of (header, blob digest, size); one result per item, in order.
 
     An item whose study is filed under another patient is refused before anything of it
@@ -73,8 +95,13 @@ def index_instances(
     # before inserting them, and two at once would insert the same rows twice.
     take_turns(session, INDEX_TURN, institution_id)
     cache = _Cache()
-    placed: list[tuple[Series, Header, str, int] | IdentityConflict] = []
+    placed: list[tuple[Series, Header, str, int] | NotIndexed] = []
     for header, sha, size in items:
+        # DICOM allows NUL in text only as a UID's padding, and PostgreSQL stores none; dropping
+        # it could make two patient IDs one, so the instance is refused instead.
+        if any("\x00" in header.text(keyword) for keyword in INDEXED_TEXT):
+            placed.append(NotIndexed("a text value of the instance holds a NUL character"))
+            continue
         study = _study(session, institution_id, header, cache, nhs_issuer)
         if isinstance(study, IdentityConflict):
             placed.append(study)
@@ -87,7 +114,7 @@ def index_instances(
     # batch is one row, with the later bytes.
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     for p in placed:
-        if not isinstance(p, IdentityConflict):
+        if not isinstance(p, NotIndexed):
             series, header, sha, size = p
             rows[(series.id, header.sop_instance_uid)] = {
                 "series_id": series.id,
@@ -123,7 +150,7 @@ def index_instances(
         ids.update({(series_id, uid): row_id for row_id, series_id, uid in inserted})
     return [
         p
-        if isinstance(p, IdentityConflict)
+        if isinstance(p, NotIndexed)
         else Indexed(ids[(p[0].id, p[1].sop_instance_uid)], p[0].study_id)
         for p in placed
     ]

@@ -16,7 +16,7 @@ from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
 from imagebridge.index.models import Instance, Patient, Series, Study
-from imagebridge.index.services import IdentityConflict, Indexed, index_instances
+from imagebridge.index.services import Indexed, NotIndexed, index_instances
 from imagebridge.institutions.models import Institution
 from imagebridge.notifications.jobs import queue_arrival_notice
 from imagebridge.transfers.models import (
@@ -181,7 +181,7 @@ def add_instances(
     new_items: dict[int, dict[str, Any]] = {}
     resent: dict[int, dict[str, Any]] = {}
     for (header, sha, size), instance in zip(items, indexed, strict=True):
-        if isinstance(instance, IdentityConflict):
+        if isinstance(instance, NotIndexed):
             result.refused.append((sha, str(instance)))
             record(
                 session,
