@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,31 @@ def test_a_batch_waits_for_more_while_the_study_arrives(tmp_path: Path) -> None:
     # Once the association has ended, whatever is there goes.
     spool.association_ended(association)
     assert len(spool.take_batch(t, 32, 1 << 30, min_items=8, settle=60)) == 3
+
+
+def test_an_instance_sent_again_as_its_upload_ends_keeps_its_file(tmp_path: Path) -> None:
+    """A PACS resends what got no answer; the same bytes may arrive just as the uploader
+    hands their file back. The resend waits for the file, then writes it anew: an entry
+    left pending without its file would hold the transfer open for ever."""
+    spool = Spool(tmp_path, min_free_bytes=0)
+    association: set[str] = set()
+    data = os.urandom(1000)
+    accept(spool, "1.2.3.4.1", data, association)
+    [t] = spool.by_priority()
+    batch = spool.take_batch(t, 32, 1 << 30)
+    resend = threading.Thread(target=accept, args=(spool, "1.2.3.4.1", data, association))
+    hand_back = spool._spent
+
+    def spent(path: Path) -> None:
+        resend.start()
+        resend.join(0.3)
+        assert resend.is_alive(), "the resend did not wait for the file"
+        hand_back(path)
+
+    spool._spent = spent  # type: ignore[method-assign]
+    spool.uploaded(t, [sha for sha, _ in batch])
+    resend.join()
+    assert list(t.pending) == [sha for sha, _ in batch]
+    assert all(path.exists() for path in t.pending.values())
+    assert spool.take_batch(t, 32, 1 << 30) == list(t.pending.items())
+    assert not t.in_flight - set(t.pending)

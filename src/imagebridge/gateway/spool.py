@@ -198,7 +198,7 @@ class Spool:
         self.changed = threading.Condition()
         self._transfers: dict[str, Outbound] = {}
         self._open: dict[tuple[str, str, str, str], str] = {}
-        self._file_locks: dict[Path, threading.Lock] = {}
+        self._file_locks: dict[Path, tuple[threading.Lock, int]] = {}
         self._unsaved = False  # state kept in memory for want of disk space
         self._recover()
 
@@ -243,13 +243,22 @@ class Spool:
 
     @contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
-        """One writer per file: two associations may deliver the same instance at once."""
+        """One holder per file: two associations may deliver the same instance at once,
+        and an upload may end while they do. A lock lives while anyone holds or awaits it
+        (counted), so that a late comer never gets a fresh one beside it."""
         with self.changed:
-            lock = self._file_locks.setdefault(path, threading.Lock())
-        with lock:
-            yield
-        with self.changed:
-            self._file_locks.pop(path, None)
+            lock, users = self._file_locks.get(path, (threading.Lock(), 0))
+            self._file_locks[path] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self.changed:
+                lock, users = self._file_locks[path]
+                if users == 1:
+                    del self._file_locks[path]
+                else:
+                    self._file_locks[path] = (lock, users - 1)
 
     @staticmethod
     def _key(t: Outbound) -> tuple[str, str, str, str]:
@@ -325,17 +334,19 @@ class Spool:
             destination, priority, study_instance_uid, calling_ae_title, association
         )
         final = self.out / t.local_id / f"{digest}.dcm"
+        # Under the file's lock until it is pending: an upload of the same bytes that ends
+        # meanwhile must not take the file away from under the entry (see ``_consume``).
         with self._writing(final):
             reuse = None if final.exists() else self._take_reusable()
             _write_instance(final, meta, dataset, reuse)
-        if digest not in t.acknowledged:
-            # The count the transfer declares; a line survives a crash of the process.
-            _append(self.out / t.local_id / "instances", f"{digest} {sop_instance_uid}\n")
-        with self.changed:
-            t.acknowledged[digest] = sop_instance_uid
-            t.pending[digest] = final
-            t.last_instance_at = time.monotonic()
-            self.changed.notify_all()
+            if digest not in t.acknowledged:
+                # The count the transfer declares; a line survives a crash of the process.
+                _append(self.out / t.local_id / "instances", f"{digest} {sop_instance_uid}\n")
+            with self.changed:
+                t.acknowledged[digest] = sop_instance_uid
+                t.pending[digest] = final
+                t.last_instance_at = time.monotonic()
+                self.changed.notify_all()
         return digest, t.local_id
 
     def _transfer_for(
@@ -487,9 +498,15 @@ class Spool:
             for sha, path in t.pending.items():
                 if sha in t.in_flight:
                     continue
+                try:
+                    size += path.stat().st_size
+                except FileNotFoundError:
+                    # Cannot happen while the file locks hold; were it to, the transfer
+                    # must stay open and say so, not take the entry as sent.
+                    log.error("a spooled instance's file is missing; its transfer waits")
+                    continue
                 batch.append((sha, path))
                 t.in_flight.add(sha)
-                size += path.stat().st_size
                 if len(batch) >= max_items or size >= max_bytes:
                     break
         return batch
@@ -498,26 +515,35 @@ class Spool:
         with self.changed:
             t.in_flight.difference_update(shas)
 
+    @contextmanager
+    def _consume(self, t: Outbound, sha: str) -> Iterator[Path | None]:
+        """Take one instance out of the pending set, with its file's lock held while the
+        caller moves the file away: the same bytes accepted again meanwhile either come
+        before (and are covered by what the caller does) or after (and are written anew)."""
+        path = self.out / t.local_id / f"{sha}.dcm"
+        with self._writing(path):
+            with self.changed:
+                found = t.pending.pop(sha, None)
+                t.in_flight.discard(sha)
+            yield found
+
     def uploaded(self, t: Outbound, shas: list[str]) -> None:
         """The hub has these durably: the spool copy can go."""
-        with self.changed:
-            spent = [p for sha in shas if (p := t.pending.pop(sha, None)) is not None]
-            t.in_flight.difference_update(shas)
-        for path in spent:
-            self._spent(path)
+        for sha in shas:
+            with self._consume(t, sha) as path:
+                if path is not None:
+                    self._spent(path)
 
     def refuse(self, t: Outbound, sha: str, reason: str) -> None:
         """Keep a refused instance aside with its reason; it is not sent again."""
-        with self.changed:
-            path = t.pending.pop(sha, None)
-            t.in_flight.discard(sha)
-        if path is not None and path.exists():
-            os.replace(path, self.refused / path.name)
-            write_durably(
-                self.refused / f"{sha}.json",
-                json.dumps({"reason": reason, "destination": t.destination}).encode(),
-                self.tmp,
-            )
+        with self._consume(t, sha) as path:
+            if path is not None and path.exists():
+                os.replace(path, self.refused / path.name)
+                write_durably(
+                    self.refused / f"{sha}.json",
+                    json.dumps({"reason": reason, "destination": t.destination}).encode(),
+                    self.tmp,
+                )
 
     def ready_to_finish(self, t: Outbound) -> bool:
         with self.changed:

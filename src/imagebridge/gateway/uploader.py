@@ -129,9 +129,6 @@ class Uploader:
                 t.hub_id,
                 [(sha, path if sha in missing else None) for sha, path in batch],
             )
-        except HubUnavailable:
-            self.spool.release(t, shas)
-            raise
         except HubError as exc:
             self.spool.release(t, shas)
             log.error("hub refused a batch: %s", exc)
@@ -141,9 +138,16 @@ class Uploader:
                 "transfer:instances:refused", "failure", instances=len(shas), reason=str(exc)
             )
             return
+        except BaseException:
+            # Whatever went wrong, the batch is sent again: an instance left marked in
+            # flight would hold its transfer open for ever.
+            self.spool.release(t, shas)
+            raise
         self.spool.uploaded(t, result["accepted"])
         for refused in result["refused"]:
             self.spool.refuse(t, refused["sha256"], refused["reason"])
+        # An answer naming neither (never expected) must not leave the instance in flight.
+        self.spool.release(t, shas)
 
     def _forward_journal(self) -> None:
         for path in self.journal.pending_batches():
