@@ -9,8 +9,10 @@
 (b) WADO-RS retrieve of a 300-slice 512x512 CT, in MB/s, beside Orthanc's DICOMweb plugin
     holding the same study, both streamed in full by the same client.
 
+The index part runs on SQLite and on PostgreSQL (a server of its own, durable defaults).
+
 Usage: python bench/dicomweb.py [--patients 20000] [--queries 200] [--slices 300] [--runs 3]
-       [--skip-index] [--skip-wado] [--skip-orthanc]
+       [--skip-index] [--skip-wado] [--skip-orthanc] [--databases sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,9 @@ from imagebridge.dicom.net import NODELAY_HANDLERS
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import Institution
 from imagebridge.storage.models import Blob
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pg import PostgresServer, postgres_binaries
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -126,7 +132,7 @@ def token_for(net: Network, code: str, username: str, role: str, scopes: list[st
 
 def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, list[str]]:
     """Insert the generated index; returns samples of what to search for."""
-    engine = make_engine(f"sqlite:///{net.root / 'hub' / 'hub.db'}")
+    engine = make_engine(net.hub_database_url)
     tables = {m: m.__table__ for m in (Patient, Study, Series, Instance, Blob)}
     t: dict[Any, Table] = {m: tab for m, tab in tables.items() if isinstance(tab, Table)}
     samples: dict[str, list[str]] = {"pid": [], "nhs": [], "name": [], "date": []}
@@ -436,20 +442,45 @@ def main() -> None:
     parser.add_argument("--skip-index", action="store_true")
     parser.add_argument("--skip-wado", action="store_true")
     parser.add_argument("--skip-orthanc", action="store_true")
+    parser.add_argument(
+        "--databases", default="sqlite,postgresql", help="the index on each (comma-separated)"
+    )
     args = parser.parse_args()
     if not args.skip_orthanc and not args.skip_wado and not Path(DICOMWEB_PLUGIN).exists():
         sys.exit("missing Orthanc's DICOMweb plugin: apt-get install orthanc orthanc-dicomweb")
     work = Path(tempfile.mkdtemp(prefix="ib-bench-dicomweb-"))
-    net = Network(work / "net")
     try:
-        net.start_hub()
         if not args.skip_index:
-            bench_index(net, args)
+            for database in args.databases.split(","):
+                with hub_on(database, work / f"index-{database}") as net:
+                    print(f"-- the index on {database}")
+                    bench_index(net, args)
         if not args.skip_wado:
-            bench_wado(net, work, args)
+            with hub_on("sqlite", work / "wado") as net:
+                bench_wado(net, work, args)
     finally:
-        net.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def hub_on(database: str, root: Path) -> Iterator[Network]:
+    """A hub on SQLite, or on a PostgreSQL server of its own with the durable defaults."""
+    net = Network(root)
+    server: PostgresServer | None = None
+    try:
+        if database == "postgresql":
+            server = PostgresServer(*postgres_binaries(), options={"max_connections": "100"})
+            server.start()
+            net.database_url = server.create()
+        elif database != "sqlite":
+            sys.exit(f"unknown database {database!r}: sqlite or postgresql")
+        net.start_hub()
+        yield net
+    finally:
+        net.database_url = ""  # dropped with its server
+        net.stop()
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

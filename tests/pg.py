@@ -3,6 +3,7 @@ temporary folder, on a free loopback port, stopped by its pid; one empty databas
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import shutil
@@ -31,12 +32,26 @@ TEST_SERVER_OPTIONS = {
 }
 
 
+def postgres_binaries() -> tuple[str, str]:
+    """Debian's ``postgres`` and ``initdb`` of the newest version installed."""
+    found = [
+        sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) for name in ("postgres", "initdb")
+    ]
+    if not all(found):
+        raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
+    return found[0][-1], found[1][-1]
+
+
 class PostgresServer:
     """Started with `start`, stopped with `stop`; `create` makes an empty database and answers
     its URL, `drop` removes it (whoever is still connected)."""
 
-    def __init__(self, postgres: str, initdb: str) -> None:
+    def __init__(
+        self, postgres: str, initdb: str, options: dict[str, str] = TEST_SERVER_OPTIONS
+    ) -> None:
+        """options: the server's settings (``-c``); a benchmark keeps the durable defaults."""
         self.postgres, self.initdb = postgres, initdb
+        self.options = options
         self.folder = Path(tempfile.mkdtemp(prefix="ib-pg-"))
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -59,7 +74,7 @@ class PostgresServer:
         self.port = free_port()
         # Its socket goes in the folder of its own, not Debian's /var/run/postgresql.
         options = ["-k", str(self.folder)]
-        options += [arg for k, v in TEST_SERVER_OPTIONS.items() for arg in ("-c", f"{k}={v}")]
+        options += [arg for k, v in self.options.items() for arg in ("-c", f"{k}={v}")]
         with open(self.folder / "postgres.log", "wb") as log:
             self.process = subprocess.Popen(
                 [self.postgres, "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port), *options],

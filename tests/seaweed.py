@@ -43,6 +43,8 @@ class SeaweedServer:
         self.folder = Path(tempfile.mkdtemp(prefix="ib-seaweed-"))
         self.access_key = "ib" + secrets.token_hex(8)
         self.secret_key = secrets.token_urlsafe(24)
+        self.reader_key = "ibr" + secrets.token_hex(8)
+        self.reader_secret = secrets.token_urlsafe(24)
         self.s3_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._buckets = itertools.count(1)
@@ -58,7 +60,13 @@ class SeaweedServer:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        config.write_text(json.dumps({"identities": [identity]}))
+        # A second identity may only read: a bucket that refuses writes, as a wrong policy would.
+        reader = {
+            "name": "reader",
+            "credentials": [{"accessKey": self.reader_key, "secretKey": self.reader_secret}],
+            "actions": ["Read", "List"],
+        }
+        config.write_text(json.dumps({"identities": [identity, reader]}))
         data = self.folder / "data"
         data.mkdir()
         self.s3_port = free_port()

@@ -24,6 +24,7 @@ from imagebridge.demo.network import Network
 from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.dicom.part10 import read_meta
 from imagebridge.dicom.reports import minimal_pdf
+from imagebridge.gateway.hubclient import HubClient, HubUnavailable
 from imagebridge.storage.blobs import blob_name
 from seaweed import SeaweedServer
 from test_dicomweb import parts, token_for
@@ -243,3 +244,35 @@ def test_a_share_package_and_a_report_come_out_of_the_bucket(
     )
     assert dump.stdout.count("(0004,1430) CS [IMAGE") == 3
     assert "ENCAP DOC" in dump.stdout
+
+
+def test_a_bucket_that_refuses_a_write_is_answered_503_and_nothing_is_kept(
+    seaweedfs: SeaweedServer, tmp_path: Path
+) -> None:
+    """The hub's credentials may read the bucket but not write it (a policy gone wrong): a
+    gateway's upload is answered 503 with the store's reason (the gateway backs off and
+    sends again), never a 500, and the transfer holds nothing of the batch."""
+    bucket = seaweedfs.create_bucket()
+    network = Network(tmp_path / "net", env={SECRET_ENV: seaweedfs.reader_secret})
+    study = make_study(tmp_path / "study", slices=2)
+    try:
+        settings = store_settings(seaweedfs, bucket) | {"access_key_id": seaweedfs.reader_key}
+        network.start_hub(blob_store=settings)
+        network.add_institution("SEG", "St Elsewhere General Hospital")
+        network.add_institution("RVH", "Riverside Hospital")
+        hub = HubClient(network.hub_url, network.issue_token("SEG"))
+        try:
+            made = hub.create_transfer(
+                receiver="RVH", priority="routine", origin="dicom", calling_ae_title="PACS"
+            )
+            items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in study.paths]
+            with pytest.raises(HubUnavailable, match="503: the blob store is unavailable"):
+                hub.upload(made["id"], items)
+        finally:
+            hub.close()
+        with network.admin() as admin:
+            transfer = admin.get(f"/api/v1/transfers/{made['id']}").json()
+        assert transfer["instances_total"] == 0
+        assert "Traceback" not in (network.root / "hub.log").read_text()
+    finally:
+        network.stop()

@@ -51,11 +51,15 @@ class HubClient:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         """tls: for an https hub, the context with the trusted CA and our certificate."""
-        self._tls = tls or ssl.create_default_context()
+        self._base = urlsplit(base_url)
+        if tls is None and self._base.scheme == "https":
+            tls = ssl.create_default_context()
+        # (Loading the system's CAs costs tens of milliseconds: not for a plain-HTTP hub.)
+        self._tls = tls
         transport = httpx.HTTPTransport(
             retries=0,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            verify=self._tls,
+            verify=tls if tls is not None else False,
         )
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -63,7 +67,6 @@ class HubClient:
             timeout=timeout,
             transport=transport,
         )
-        self._base = urlsplit(base_url)
         self._auth = {"Authorization": f"Bearer {token}"}
         self._bulk: http.client.HTTPConnection | None = None
         self._bulk_used_at = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -185,6 +186,7 @@ class QueryRetrieveSCP:
         self._nhs_of = {mrn: nhs for nhs, mrn in settings.reconciliation.mrn_map.items()}
         # Hub calls run here, so that a C-CANCEL is heard while they wait.
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="qr-hub")
+        self._clients = threading.local()
 
     def attach(self, ae: AE) -> list[evt.EventHandlerType]:
         """Add the query/retrieve contexts to the gateway's AE; returns the handlers."""
@@ -526,11 +528,12 @@ class QueryRetrieveSCP:
         """Call the hub, listening for the caller's C-CANCEL meanwhile."""
 
         def run() -> T:
-            hub = self.hub()
-            try:
-                return call(hub)
-            finally:
-                hub.close()
+            # One client per pool thread, kept: a query then costs one request on an open
+            # connection, not a new client and a new connection (tens of milliseconds).
+            hub: HubClient | None = getattr(self._clients, "hub", None)
+            if hub is None:
+                hub = self._clients.hub = self.hub()
+            return call(hub)
 
         future = self._pool.submit(run)
         while True:

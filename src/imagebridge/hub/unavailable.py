@@ -1,9 +1,12 @@
-"""What the hub answers while its database cannot: 503 with the reason, never a crash.
+"""What the hub answers while its database or blob store cannot: 503 with the reason, never
+a crash.
 
 A SQLite file held locked by another process beyond the busy timeout, a PostgreSQL server
 restarting: the request fails cleanly, the caller (a gateway backs off and retries) tries
-again, and nothing half done is kept (the transaction rolled back). Nothing can be audited
-while the database is away; the log says which route failed and why, without its values.
+again, and nothing half done is kept (the transaction rolled back). The same holds for an
+S3 bucket that cannot be reached or refuses a write: the batch being stored is dropped whole.
+Nothing can be audited while the database is away; the log says which route failed and why,
+without its values.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from imagebridge.storage.blobs import BlobStoreError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 5
@@ -36,5 +41,15 @@ def install(app: FastAPI) -> None:
             {"detail": why}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
 
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        # The store's own words: an operation and the S3 error code, never a key's owner.
+        why = f"the blob store is unavailable ({exc}); try again shortly"
+        route = getattr(request.scope.get("route"), "path", "")
+        log.warning("%s %s answered 503: %s", request.method, route, why)
+        return JSONResponse(
+            {"detail": why}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
+
     app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(PoolTimeout, unavailable)
+    app.add_exception_handler(BlobStoreError, store_unavailable)
