@@ -103,6 +103,8 @@ async def _poll(
 
 async def _await_tasks(hub: Hub, waiter: int, ids: list[str], seconds: float) -> None:
     """Until every task is finished or the time is up; answers nudge the waiting institution."""
+    if not ids:
+        return  # nothing asked of any gateway: no round to the database to find that out
     await _poll(hub, waiter, seconds, lambda: True if _finished(hub, ids) else None)
 
 
