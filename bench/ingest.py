@@ -504,9 +504,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ib-bench-ingest-"))
     studies = Studies(work / "studies", args)
     results = Results()
-    setups: list[Callable[[], Any]] = [lambda: sqlite_hub(work)]
+    # Each run starts every system afresh, in a folder of its own.
+    setups: list[Callable[[Path], Any]] = [sqlite_hub]
     if not args.skip_postgresql:
-        setups += [lambda: postgres_hubs(work, 1), lambda: postgres_hubs(work, 2)]
+        setups += [lambda root: postgres_hubs(root, 1), lambda root: postgres_hubs(root, 2)]
     orthanc = None
     try:
         if not args.skip_orthanc:
@@ -526,8 +527,8 @@ def main() -> None:
                 results.add(
                     results.burst, "Orthanc STOW-RS", orthanc_measure(process.pid, port, burst)
                 )
-            for setup in setups:
-                with setup() as hubs:
+            for n, setup in enumerate(setups):
+                with setup(work / f"run-{run}-{n}") as hubs:
                     # The CT: one per hub process, each from its own gateway, at once.
                     ct = ingest(hubs, "CT", [[study] for study in cts[: len(hubs.nets)]])
                     results.add(results.ct, hubs.name, ct)

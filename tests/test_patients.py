@@ -450,6 +450,37 @@ def test_the_receiving_gateway_asks_for_its_own_local_id(
     assert any(e["detail"]["operation"] == "local-id" and e["patient_ref"] == ALICE for e in events)
 
 
+def test_many_local_ids_in_one_request_answer_as_one_each(
+    net: InProcessHub, registered: None
+) -> None:
+    """The matches of one C-FIND name many patients: the gateway asks for all at once, and
+    gets what it would have got asking one by one, each lookup audited."""
+    before = len(audit(net, "patient:identity:lookup"))
+    r = net.client().post(
+        "/api/v1/gateway/patients/local-ids",
+        json={"nhs_numbers": [ALICE, NOBODY, ALICE]},
+        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
+    )
+    assert r.status_code == 200, r.text
+    answers = r.json()["answers"]
+    assert answers == {nhs: ask_local_id(net, "RVH", nhs).json() for nhs in (ALICE, NOBODY)}
+    assert answers[ALICE]["patient_id"] == "RVH0042"
+    # One event per patient (Alice asked twice is one lookup), then one per single request.
+    assert len(audit(net, "patient:identity:lookup")) == before + 2 + 2
+    r = net.client().post(
+        "/api/v1/gateway/patients/local-ids",
+        json={"nhs_numbers": [ALICE, "9434765918"]},
+        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
+    )
+    assert r.status_code == 422 and "1 not valid NHS numbers" in r.text
+    r = net.client().post(
+        "/api/v1/gateway/patients/local-ids",
+        json={"nhs_numbers": [ALICE] * 1001},
+        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
+    )
+    assert r.status_code == 422
+
+
 def test_the_migration_links_patients_indexed_before_it(database_url: str) -> None:
     engine = make_engine(database_url)
     upgrade(engine, "0004")

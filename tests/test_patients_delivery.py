@@ -221,9 +221,36 @@ def test_the_gateway_keeps_answers_briefly_and_falls_back_without_the_hub(
         hub.close()
     unreachable = HubClient(f"http://127.0.0.1:{free_port()}", "ibg_unused", timeout=2)
     try:
-        assert IndexedMrnLookup(unreachable, {erin: "RVH-STATIC-E"})(erin) == "RVH-STATIC-E"
+        fallback = IndexedMrnLookup(unreachable, {erin: "RVH-STATIC-E"})
+        fallback.prefetch([erin])  # said in the log; each lookup then asks, and falls back
+        assert fallback(erin) == "RVH-STATIC-E"
     finally:
         unreachable.close()
+
+
+def test_the_gateway_asks_for_many_patients_at_once(net: tuple[Network, Path]) -> None:
+    """Before answering a C-FIND the gateway learns the local ID of every patient in its
+    matches with one request; the lookups that follow ask the hub nothing."""
+    network, _ = net
+    gina, hal = "9434765218", "9434765226"
+    register(network, "RVH0300", gina, "1991-01-01", "female")
+    hub = HubClient(network.hub_url, network.issue_token("RVH", "probe"))
+    lookup = IndexedMrnLookup(hub, {hal: "RVH-STATIC-H"})
+    try:
+        before = len(gateway_lookups(network))
+        lookup.prefetch([gina, hal])
+        asked = len(gateway_lookups(network))
+        assert lookup(gina) == LocalPatient("RVH0300", "RVH", "19910101", "F")
+        assert lookup(hal) == "RVH-STATIC-H"  # the index knows none: the static map
+        assert len(gateway_lookups(network)) == asked == before + 2
+    finally:
+        hub.close()
+
+
+def gateway_lookups(network: Network) -> list[dict[str, Any]]:
+    return [
+        e for e in audit_events(network, "patient:identity:lookup") if e["actor_type"] == "gateway"
+    ]
 
 
 @pytest.mark.parametrize(

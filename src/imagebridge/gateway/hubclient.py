@@ -268,6 +268,14 @@ class HubClient:
         )
         return result
 
+    def local_patient_ids(self, nhs_numbers: list[str]) -> dict[str, dict[str, Any]]:
+        """``local_patient_id`` for many NHS numbers in one request (at most 1,000)."""
+        result = self._call(
+            "POST", "/api/v1/gateway/patients/local-ids", json={"nhs_numbers": nhs_numbers}
+        )
+        answers: dict[str, dict[str, Any]] = result["answers"]
+        return answers
+
     def audit(self, events: list[dict[str, Any]]) -> None:
         self._call("POST", "/api/v1/gateway/audit", json={"events": events})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from imagebridge.gateway.hubclient import HubClient, HubError, HubUnavailable
@@ -19,6 +19,7 @@ from imagebridge.gateway.reconcile import LocalPatient
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 60.0
 CACHE_SIZE = 10_000
+PREFETCH_BATCH = 1000  # the hub's limit per request
 
 
 class IndexedMrnLookup:
@@ -56,6 +57,23 @@ class IndexedMrnLookup:
             return None
         return self._map.get(nhs_number)
 
+    def prefetch(self, nhs_numbers: Iterable[str]) -> None:
+        """Ask the hub at once for every number not already known: the matches of one
+        query name many patients, and one request beats one each."""
+        now = self._clock()
+        with self._lock:
+            wanted = sorted(
+                {n for n in nhs_numbers if (c := self._cache.get(n)) is None or c[0] <= now}
+            )
+        for start in range(0, len(wanted), PREFETCH_BATCH):
+            try:
+                answers = self._hub.local_patient_ids(wanted[start : start + PREFETCH_BATCH])
+            except (HubUnavailable, HubError) as exc:
+                log.warning("patient index not available (%s); asking number by number", exc)
+                return
+            for number, answer in answers.items():
+                self._keep(number, answer, now)
+
     def _answer(self, nhs_number: str) -> dict[str, Any] | None:
         now = self._clock()
         with self._lock:
@@ -67,10 +85,13 @@ class IndexedMrnLookup:
         except (HubUnavailable, HubError) as exc:
             log.warning("patient index not available (%s); using the static map", exc)
             return None
+        self._keep(nhs_number, answer, now)
+        return answer
+
+    def _keep(self, nhs_number: str, answer: dict[str, Any], now: float) -> None:
         with self._lock:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
                 if len(self._cache) >= CACHE_SIZE:
                     self._cache.clear()
             self._cache[nhs_number] = (now + self._cache_seconds, answer)
-        return answer

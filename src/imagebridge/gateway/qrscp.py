@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -173,13 +173,17 @@ class QueryRetrieveSCP:
         journal: Journal,
         caller: Callable[[Association], Caller | None],
         mrn_lookup: Callable[[str], Any],
+        prefetch: Callable[[Iterable[str]], None] | None = None,
     ) -> None:
+        """prefetch: makes ``mrn_lookup`` know many NHS numbers at once (one hub request
+        for the matches of a query, not one per patient)."""
         self.settings = settings
         self.hub = hub
         self.routing = routing
         self.journal = journal
         self.caller = caller
         self.mrn_lookup = mrn_lookup
+        self.prefetch = prefetch
         self.destinations = {d.ae_title: d for d in settings.move_destinations}
         self.work = settings.data_dir / "retrieve"
         # Local MRN -> NHS number: a workstation asks by its own patient ID.
@@ -245,6 +249,13 @@ class QueryRetrieveSCP:
             code, reason = _failure(exc, unavailable=OUT_OF_RESOURCES)
             yield self._refuse(caller, "dicom:query:refused", code, reason, sop_class), None
             return
+        foreign = {
+            str(m["_nhs_number"])
+            for m in answer["matches"]
+            if m.get("_nhs_number") and str(m.get("_institution", "")) != self._me()
+        }
+        if foreign and self.prefetch is not None:
+            self.prefetch(foreign)
         sent: list[dict[str, Any]] = []
         patients: set[tuple[str, str]] = set()
         cancelled = False

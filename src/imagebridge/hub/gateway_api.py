@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from imagebridge.actors import Actor
@@ -34,6 +35,8 @@ router = APIRouter(prefix="/api/v1", tags=["gateway protocol"])
 HubDep = Annotated[Hub, Depends(get_hub)]
 # Long enough for a batch to reach a slow PACS; a lease a gateway abandons comes back after it.
 LEASE_SECONDS = 120.0
+# NHS numbers in one batch lookup: as many as the matches of one C-FIND.
+MAX_LOOKUPS = 1000
 
 
 class Digests(BaseModel):
@@ -234,16 +237,47 @@ def local_patient_id(body: LocalIdQuery, actor: GatewayActor, hub: HubDep) -> di
     assert actor.institution_id is not None
     with hub.sessions() as session, session.begin():
         found = patient_index.local_id(session, actor.institution_id, nhs_number)
-        record(
-            session,
-            "patient:identity:lookup",
-            institution_id=actor.institution_id,
-            patient_ref=nhs_number,
-            detail={"operation": "local-id", "found": found.patient_id is not None}
-            | ({"conflict": found.conflict} if found.conflict else {}),
-            **actor.audit(),
-        )
+        _audit_lookup(session, actor, nhs_number, found)
     return asdict(found)
+
+
+class LocalIdsQuery(BaseModel):
+    nhs_numbers: list[Annotated[str, Field(max_length=32)]] = Field(max_length=MAX_LOOKUPS)
+
+
+@router.post("/gateway/patients/local-ids")
+def local_patient_ids(body: LocalIdsQuery, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
+    """The answer of ``/gateway/patients/local-id`` for each of many NHS numbers at once,
+    keyed by the number as normalised: the matches of one C-FIND name many patients, and
+    a request each would cost more than the query. Each lookup is audited as one alone."""
+    numbers = {n: normalise_nhs_number(n) for n in body.nhs_numbers}
+    invalid = [n for n, normal in numbers.items() if normal is None]
+    if invalid:
+        raise HTTPException(
+            422, f"{len(invalid)} not valid NHS numbers (10 digits with a mod-11 check digit)"
+        )
+    assert actor.institution_id is not None
+    answers: dict[str, Any] = {}
+    with hub.sessions() as session, session.begin():
+        for nhs_number in sorted({n for n in numbers.values() if n is not None}):
+            found = patient_index.local_id(session, actor.institution_id, nhs_number)
+            _audit_lookup(session, actor, nhs_number, found)
+            answers[nhs_number] = asdict(found)
+    return {"answers": answers}
+
+
+def _audit_lookup(
+    session: Session, actor: Actor, nhs_number: str, found: patient_index.LocalId
+) -> None:
+    record(
+        session,
+        "patient:identity:lookup",
+        institution_id=actor.institution_id,
+        patient_ref=nhs_number,
+        detail={"operation": "local-id", "found": found.patient_id is not None}
+        | ({"conflict": found.conflict} if found.conflict else {}),
+        **actor.audit(),
+    )
 
 
 @router.post("/gateway/audit", status_code=201)
