@@ -25,6 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 # Every syntax a gateway accepts as received; it never asks a sender to transcode.
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+# pynetdicom formats every DIMSE message and identifier for its log even when the logger
+# drops them: CPU for each C-FIND match, and patient data one log level away. Off for every
+# process that imports a DICOM edge.
+pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 ACCEPTED_TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -46,7 +46,7 @@ from imagebridge.gateway.pacs_scu import (
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
 )
-from imagebridge.gateway.reconcile import apply, plan, reconcile_file
+from imagebridge.gateway.reconcile import plan_values, reconcile_file
 from imagebridge.gateway.routing import RoutingTable
 from imagebridge.settings import GatewaySettings
 
@@ -502,35 +502,27 @@ class QueryRetrieveSCP:
         code = str(match.get("_institution", ""))
         if code == self._me() or "PatientID" not in match:
             return match
-        policy = self.settings.reconciliation
-        ds = Dataset()
-        for keyword in ("PatientID", "IssuerOfPatientID", "AccessionNumber"):
-            _put(ds, keyword, match.get(keyword, ""))
-        for keyword in ("PatientBirthDate", "PatientSex"):
-            if match.get(keyword):
-                _put(ds, keyword, match[keyword])
-        if match.get("_nhs_number"):
-            item = Dataset()
-            item.PatientID = match["_nhs_number"]
-            item.IssuerOfPatientID = policy.nhs_number_issuer
-            ds.OtherPatientIDsSequence = Sequence([item])
         try:
-            decided = plan(
-                ds,
+            decided = plan_values(
+                str(match.get("PatientID") or ""),
+                str(match.get("IssuerOfPatientID") or ""),
+                str(match.get("AccessionNumber") or ""),
+                str(match.get("_nhs_number") or ""),
+                birth_date=str(match.get("PatientBirthDate") or ""),
+                sex=str(match.get("PatientSex") or ""),
                 sender_code=code,
                 receiver_code=self._me(),
-                policy=policy,
+                policy=self.settings.reconciliation,
                 mrn_lookup=self.mrn_lookup,
             )
-            apply(ds, decided)
         except Exception as exc:
             log.error("a match could not be reconciled: %s", type(exc).__name__)
             return None
         local = dict(match)
-        local["PatientID"] = str(ds.PatientID)
-        local["IssuerOfPatientID"] = str(ds.get("IssuerOfPatientID", ""))
+        local["PatientID"] = decided.patient_id
+        local["IssuerOfPatientID"] = decided.issuer_of_patient_id
         if "AccessionNumber" in match:
-            local["AccessionNumber"] = str(ds.get("AccessionNumber", ""))
+            local["AccessionNumber"] = decided.accession_number
         return local
 
     # -- plumbing -----------------------------------------------------------------------------

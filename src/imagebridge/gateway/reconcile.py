@@ -274,6 +274,37 @@ def plan(
     )
 
 
+def plan_values(
+    patient_id: str,
+    issuer: str,
+    accession: str,
+    nhs_number: str,
+    *,
+    birth_date: str,
+    sex: str,
+    sender_code: str,
+    receiver_code: str,
+    policy: Reconciliation,
+    mrn_lookup: MrnLookup,
+) -> Reconciled:
+    """``plan`` for an identity already held as values, as a query's match is: the same
+    decision, without a dataset built for it (a C-FIND may answer a thousand matches).
+    ``nhs_number`` is one the sender's records hold (or ""), as if in OtherPatientIDsSequence."""
+    others = [(nhs_number, policy.nhs_number_issuer)] if nhs_number else []
+    return _decide(
+        patient_id.strip(),
+        issuer.strip(),
+        accession.strip(),
+        _pick_nhs_number((), others, (patient_id.strip(), issuer.strip()), policy),
+        sender_code=sender_code,
+        receiver_code=receiver_code,
+        policy=policy,
+        mrn_lookup=mrn_lookup,
+        birth_date=birth_date.strip(),
+        sex=sex.strip(),
+    )
+
+
 def apply(ds: Dataset, r: Reconciled) -> None:
     """Give ``ds`` the identity ``r``, keeping the original in OtherPatientIDsSequence."""
     terms = _character_set(ds)
