@@ -464,6 +464,12 @@ class GatewaySettings(_TomlSettings):
         description="After an aborted association, how long a study's transfer waits for the "
         "PACS to send again before it closes as interrupted (never reported complete)",
     )
+    shutdown_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM, how long open associations may finish before they are "
+        "aborted (no new ones are taken meanwhile)",
+    )
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     spool_min_free_bytes: int = Field(256 * 1024 * 1024, description="Refuse C-STORE below this")

@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         "--window", type=float, default=8.0, help="kills fall within this many seconds"
     )
     parser.add_argument("--dir", type=Path, help="keep the network's folder here")
+    parser.add_argument(
+        "--how",
+        choices=("kill", "term", "upgrade"),
+        default="kill",
+        help="stop processes by SIGKILL, by SIGTERM, or the hub by SIGTERM and an upgrade",
+    )
     args = parser.parse_args(argv)
     print(f"seed {args.seed}", flush=True)
     with fault_network(args.dir) as network:
@@ -31,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             kills_per_trial=tuple(args.kills),
             window_seconds=args.window,
             report=lambda line: print(line, flush=True),
+            how=args.how,
         )
     print(figures.summary(), flush=True)
     return 0 if figures.ok else 1

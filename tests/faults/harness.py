@@ -30,9 +30,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from alembic import command
 from pydicom import dcmread
 from pynetdicom import evt
 from sqlalchemy import text
@@ -48,6 +49,7 @@ from imagebridge.dicom.store_scu import (
     StoreResult,
     store_files,
 )
+from imagebridge.migrate import alembic_config
 from imagebridge.storage.blobs import is_digest
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -63,6 +65,10 @@ GATEWAY_SETTINGS: dict[str, Any] = {
 }
 HUB_SETTINGS: dict[str, Any] = {"inbox_wait_seconds": 1.0}
 PROCESSES = ("gateway A", "hub", "gateway B", "worker")
+# How a process is stopped: SIGKILL; SIGTERM; for the hub, SIGTERM and a schema upgrade.
+Stop = Literal["kill", "term", "upgrade"]
+# A process sent SIGTERM finishes or hands back its work within this (the tools' own wait).
+STOP_SECONDS = 30.0
 
 
 class CountingPacs(MiniPacs):
@@ -96,6 +102,7 @@ class Figures:
     transfers: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stop_seconds: float = 0.0  # the longest a process took to end after SIGTERM
 
     def add(self, other: Figures) -> None:
         self.trials += other.trials
@@ -113,6 +120,7 @@ class Figures:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.problems += other.problems
         self.seconds += other.seconds
+        self.stop_seconds = max(self.stop_seconds, other.stop_seconds)
 
     @property
     def ok(self) -> bool:
@@ -133,6 +141,8 @@ class Figures:
             f"re-sent C-STOREs   {self.resent_c_stores} (PACS already held the instance)",
             f"sender re-sends    {self.sender_resends} (no success answer from gateway A)",
         ]
+        if self.stop_seconds:
+            lines.append(f"slowest stop       {self.stop_seconds:.1f} s after SIGTERM")
         lines += [f"PROBLEM: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -205,13 +215,29 @@ class FaultNetwork:
     def targets(self) -> list[str]:
         return list(PROCESSES if self.has_worker else PROCESSES[:3])
 
-    def kill(self, name: str, down_seconds: float) -> None:
-        """SIGKILL one process, leave it down a while, start it again."""
+    def kill(
+        self, name: str, down_seconds: float, how: Stop = "kill", figures: Figures | None = None
+    ) -> None:
+        """Stop one process (SIGKILL; or SIGTERM, which must end it within STOP_SECONDS;
+        or, for the hub, SIGTERM and an upgrade of its database from the revision before),
+        leave it down a while, start it again."""
         with self._lock:
             process = self._process(name)
             if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL if how == "kill" else signal.SIGTERM)
+            started = time.monotonic()
+            try:
+                process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                if figures is not None:
+                    figures.problems.append(f"{name} still running {STOP_SECONDS} s after SIGTERM")
                 os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+                process.wait()
+            if figures is not None and how != "kill":
+                figures.stop_seconds = max(figures.stop_seconds, time.monotonic() - started)
+            if how == "upgrade":
+                assert name == "hub"
+                self.downgrade_one()
             time.sleep(down_seconds)
             if name == "hub":
                 self.net.start_hub(**HUB_SETTINGS)
@@ -230,6 +256,18 @@ class FaultNetwork:
             assert self.worker is not None
             return self.worker
         return self.net.gateways["SEG" if name == "gateway A" else "RVH"].process
+
+    def downgrade_one(self) -> None:
+        """The hub's database back to the revision before the newest, data and all: the
+        hub started next upgrades it, as a new version does on a running network."""
+        engine = make_engine(self.net.hub_database_url)
+        config = alembic_config()
+        try:
+            with engine.begin() as connection:
+                config.attributes["connection"] = connection
+                command.downgrade(config, "-1")
+        finally:
+            engine.dispose()
 
     # -- looking inside, as an operator would ------------------------------------------------
 
@@ -351,6 +389,7 @@ class Trial:
     rng: random.Random
     kills_per_trial: tuple[int, int]
     window_seconds: float
+    how: Stop = "kill"
 
 
 def run_trial(network: FaultNetwork, trial: Trial, slices: int, folder: Path) -> Figures:
@@ -390,7 +429,8 @@ def run_trial(network: FaultNetwork, trial: Trial, slices: int, folder: Path) ->
                 time.sleep(max(0.0, started + at - time.monotonic()))
                 while sender.answered < after and not sender.finished.wait(0.005):
                     pass
-                network.kill(name, trial.rng.uniform(0.0, 1.5))
+                how: Stop = trial.how if trial.how != "upgrade" or name == "hub" else "term"
+                network.kill(name, trial.rng.uniform(0.0, 1.5), how, figures)
                 figures.kills[name] += 1
         except BaseException as exc:  # reported by the trial, not lost in the thread
             errors.append(exc)
@@ -482,13 +522,15 @@ def run_trials(
     kills_per_trial: tuple[int, int] = (1, 3),
     window_seconds: float = 8.0,
     report: Callable[[str], None] | None = None,
+    how: Stop = "kill",
 ) -> Figures:
-    """Run ``trials`` seeded trials on one network; the figures of them all."""
+    """Run ``trials`` seeded trials on one network; the figures of them all. ``how``: each
+    process stopped by SIGKILL, by SIGTERM, or (the hub) by SIGTERM and an upgrade."""
     rng = random.Random(seed)
     total = Figures()
     studies = network.root / "studies"
     for number in range(1, trials + 1):
-        trial = Trial(number, rng, kills_per_trial, window_seconds)
+        trial = Trial(number, rng, kills_per_trial, window_seconds, how)
         figures = run_trial(network, trial, slices, studies)
         shutil.rmtree(studies / f"study-{number}", ignore_errors=True)
         total.add(figures)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from imagebridge.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 # DIMSE statuses (PS3.4 B.2.3 and Annex C)
+# After an abort, the association's own end (and its spool record) takes this at most.
+ABORT_WAIT_SECONDS = 5.0
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
@@ -116,10 +119,24 @@ class StorageSCP:
         port: int = self._server.server_address[1]
         return port
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace_seconds: float = 0.0) -> None:
+        """Take no new associations; let those open finish for up to ``grace_seconds`` (a
+        PACS mid-study completes it), then abort the rest, each recorded as aborted so that
+        its studies wait for the PACS to send again. An association cut by the process
+        ending instead would leave a study that every C-STORE of was answered waiting for a
+        resend that never comes."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        open_ones: list[Association] = list(server.active_associations)
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        for assoc in open_ones:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        for assoc in open_ones:
+            if assoc.is_alive():
+                assoc.abort()
+                assoc.join(ABORT_WAIT_SECONDS)
 
     def caller(self, assoc: Association) -> _AssociationState | None:
         """The calling node of an accepted association, with its permissions."""

@@ -95,7 +95,7 @@ class Gateway:
     def stop(self) -> None:
         """Stop taking new associations, then let the workers finish their current step."""
         self._stop.set()
-        self.scp.stop()
+        self.scp.stop(self.settings.shutdown_grace_seconds)
         self.uploader.stop()
         if self.study_counts is not None:
             self.study_counts.stop()
