@@ -16,29 +16,18 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from imagebridge.demo.synthetic import generate_ct_study
-from imagebridge.dicom.part10 import BadDataset, file_meta, read_header, read_meta
-
-KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyDescription",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-    "SpecificCharacterSet",
-    "ImageType",
+from imagebridge.dicom.part10 import (
+    INDEXED,
+    REQUIRED_UIDS,
+    BadDataset,
+    file_meta,
+    read_header,
+    read_meta,
 )
+
+# What the header reader reads (what the hub checks and indexes, and two more), each compared
+# with pydicom's reading of the same file.
+KEYWORDS = (*REQUIRED_UIDS, *INDEXED, "SpecificCharacterSet", "ImageType")
 
 
 def _readable(paths: list[str]) -> list[tuple[Path, Dataset]]:

@@ -9,7 +9,7 @@ from sqlalchemy import Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from imagebridge.db import take_turns, utcnow
-from imagebridge.dicom.part10 import Header
+from imagebridge.dicom.part10 import INDEXED, Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.patients.services import link_indexed
@@ -21,24 +21,6 @@ class NotIndexed(ValueError):
 
 class IdentityConflict(NotIndexed):
     """An instance whose study is already filed under another patient: never merged silently."""
-
-
-# The text values the index keeps (UIDs are checked when the header is read).
-INDEXED_TEXT = (
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyDescription",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-)
 
 
 @dataclass
@@ -99,7 +81,7 @@ def index_instances(
     for header, sha, size in items:
         # DICOM allows NUL in text only as a UID's padding, and PostgreSQL stores none; dropping
         # it could make two patient IDs one, so the instance is refused instead.
-        if any("\x00" in header.text(keyword) for keyword in INDEXED_TEXT):
+        if any("\x00" in header.text(keyword) for keyword in INDEXED):
             placed.append(NotIndexed("a text value of the instance holds a NUL character"))
             continue
         study = _study(session, institution_id, header, cache, nhs_issuer)
