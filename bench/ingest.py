@@ -75,7 +75,7 @@ class Hubs:
     tokens: dict[str, str] = field(default_factory=dict)  # gateway code -> token
 
     def pids(self) -> list[int]:
-        return [n.hub_process.pid for n in self.nets if n.hub_process] + self.extra_pids
+        return self.hub_pids() + self.extra_pids
 
     def hub_pids(self) -> list[int]:
         return [n.hub_process.pid for n in self.nets if n.hub_process]

@@ -88,6 +88,15 @@ CANCEL_POLL_SECONDS = 0.1
 Answer = tuple[int | Dataset | None, Dataset | str | None]
 
 
+class PatientLookup(Protocol):
+    """The local identity of an NHS number (reconcile's ``mrn_lookup``), and a way to learn
+    many at once (one hub request for the matches of a query, not one per patient)."""
+
+    def __call__(self, nhs_number: str) -> Any: ...
+
+    def prefetch(self, nhs_numbers: Iterable[str]) -> None: ...
+
+
 class Caller(Protocol):
     """The calling node of an accepted association, as the storage SCP recorded it."""
 
@@ -172,18 +181,14 @@ class QueryRetrieveSCP:
         routing: RoutingTable,
         journal: Journal,
         caller: Callable[[Association], Caller | None],
-        mrn_lookup: Callable[[str], Any],
-        prefetch: Callable[[Iterable[str]], None] | None = None,
+        mrn_lookup: PatientLookup,
     ) -> None:
-        """prefetch: makes ``mrn_lookup`` know many NHS numbers at once (one hub request
-        for the matches of a query, not one per patient)."""
         self.settings = settings
         self.hub = hub
         self.routing = routing
         self.journal = journal
         self.caller = caller
         self.mrn_lookup = mrn_lookup
-        self.prefetch = prefetch
         self.destinations = {d.ae_title: d for d in settings.move_destinations}
         self.work = settings.data_dir / "retrieve"
         # Local MRN -> NHS number: a workstation asks by its own patient ID.
@@ -254,8 +259,8 @@ class QueryRetrieveSCP:
             for m in answer["matches"]
             if m.get("_nhs_number") and str(m.get("_institution", "")) != self._me()
         }
-        if foreign and self.prefetch is not None:
-            self.prefetch(foreign)
+        if foreign:
+            self.mrn_lookup.prefetch(foreign)
         sent: list[dict[str, Any]] = []
         patients: set[tuple[str, str]] = set()
         cancelled = False

@@ -58,7 +58,7 @@ class Gateway:
 
         lookup = IndexedMrnLookup(client(), settings.reconciliation.mrn_map)
         self.qr = QueryRetrieveSCP(
-            settings, client, self.routing, self.journal, self.scp.caller, lookup, lookup.prefetch
+            settings, client, self.routing, self.journal, self.scp.caller, lookup
         )
         self.scp.services += self.qr.attach(self.scp.ae)
         self.tasks = TaskWorker(settings, client, self.journal, fetches, lookup)

@@ -260,6 +260,10 @@ class Spool:
                 else:
                     self._file_locks[path] = (lock, users - 1)
 
+    def _file(self, t: Outbound, sha: str) -> Path:
+        """Where a transfer's instance is spooled: named by its content's SHA-256."""
+        return self.out / t.local_id / f"{sha}.dcm"
+
     @staticmethod
     def _key(t: Outbound) -> tuple[str, str, str, str]:
         return (t.destination, t.priority, t.study_instance_uid, t.calling_ae_title)
@@ -333,7 +337,7 @@ class Spool:
         t = self._transfer_for(
             destination, priority, study_instance_uid, calling_ae_title, association
         )
-        final = self.out / t.local_id / f"{digest}.dcm"
+        final = self._file(t, digest)
         # Under the file's lock until it is pending: an upload of the same bytes that ends
         # meanwhile must not take the file away from under the entry (see ``_consume``).
         with self._writing(final):
@@ -520,7 +524,7 @@ class Spool:
         """Take one instance out of the pending set, with its file's lock held while the
         caller moves the file away: the same bytes accepted again meanwhile either come
         before (and are covered by what the caller does) or after (and are written anew)."""
-        path = self.out / t.local_id / f"{sha}.dcm"
+        path = self._file(t, sha)
         with self._writing(path):
             with self.changed:
                 found = t.pending.pop(sha, None)

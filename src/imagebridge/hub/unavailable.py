@@ -25,8 +25,11 @@ RETRY_AFTER_SECONDS = 5
 
 
 def reason(exc: Exception) -> str:
-    """The driver's own words, first line only: SQLAlchemy's text carries the statement
-    and its parameters, which may name a patient."""
+    """Why the hub cannot answer, in words that name no patient: for the database, the
+    driver's own, first line only (SQLAlchemy's text carries the statement and its
+    parameters); for the blob store, its own (an operation and the S3 error code)."""
+    if isinstance(exc, BlobStoreError):
+        return f"the blob store is unavailable ({exc}); try again shortly"
     orig = getattr(exc, "orig", None)
     words = str(orig).strip().splitlines()[0][:120] if orig is not None and str(orig) else ""
     return f"the database is unavailable ({words or type(exc).__name__}); try again shortly"
@@ -41,15 +44,5 @@ def install(app: FastAPI) -> None:
             {"detail": why}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
 
-    async def store_unavailable(request: Request, exc: Exception) -> Response:
-        # The store's own words: an operation and the S3 error code, never a key's owner.
-        why = f"the blob store is unavailable ({exc}); try again shortly"
-        route = getattr(request.scope.get("route"), "path", "")
-        log.warning("%s %s answered 503: %s", request.method, route, why)
-        return JSONResponse(
-            {"detail": why}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-        )
-
-    app.add_exception_handler(OperationalError, unavailable)
-    app.add_exception_handler(PoolTimeout, unavailable)
-    app.add_exception_handler(BlobStoreError, store_unavailable)
+    for unavailable_kind in (OperationalError, PoolTimeout, BlobStoreError):
+        app.add_exception_handler(unavailable_kind, unavailable)
