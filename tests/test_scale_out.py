@@ -321,13 +321,21 @@ def test_two_hubs_and_two_workers_deliver_and_announce_each_transfer_once(
     wait_until(
         "the notice sent by the other worker", lambda: notices_sent(one, last["id"]) == 1, 60
     )
-    [(status, attempts, by)] = [
-        (status, attempts, by)
-        for status, attempts, by, payload in hub_query(
-            one, f"SELECT status, attempts, leased_by, payload FROM jobs WHERE kind = '{NOTICE}'"
-        )
-        if last["id"] in str(payload)
-    ]
+
+    def notice_job() -> list[tuple[Any, ...]]:
+        return [
+            (status, attempts, by)
+            for status, attempts, by, payload in hub_query(
+                one,
+                f"SELECT status, attempts, leased_by, payload FROM jobs WHERE kind = '{NOTICE}'",
+            )
+            if last["id"] in str(payload)
+        ]
+
+    # The send is audited in its own transaction, just before the job is marked done.
+    [(status, attempts, by)] = wait_until(
+        "the notice's job done", lambda: [j for j in notice_job() if j[0] != "running"]
+    )
     assert (status, attempts) == ("done", 2) and by != holder
     assert receiver.posts.count(last["id"]) == 2  # the first cut off with its worker
     # Nothing lost, nothing twice, in RVH's PACS.

@@ -196,6 +196,10 @@ class HubClient:
                         paths[event.sha256] = sink.finish()
                         sink = None
             decoder.close()
+            # http.client ends a body cut short by the peer without an error: a hub that
+            # stops between two blobs must not pass for one that sent them all.
+            if short := len(set(digests) - paths.keys()):
+                raise FramingError(f"stream ended with {short} blob(s) not sent")
         except (OSError, http.client.HTTPException, FramingError) as exc:
             conn.close()
             self._bulk = None
