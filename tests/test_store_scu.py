@@ -37,9 +37,9 @@ from conftest import require_tool
 from imagebridge.demo.network import free_port, wait_for_port
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, generate_ct_study
 from imagebridge.dicom import ul
-from imagebridge.dicom.net import set_nodelay
 from imagebridge.dicom.part10 import file_meta, read_meta
 from imagebridge.dicom.store_scu import FileToSend, Node, NodeUnavailable, store_files
+from imagebridge.dicom.ul import set_nodelay
 from imagebridge.gateway.reconcile import Rewritten, reconcile_dataset
 from imagebridge.settings import Reconciliation
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import struct
 from collections.abc import Iterable
 
@@ -27,7 +26,11 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+
+from imagebridge.dicom.acceptor import StoreRequest
+from imagebridge.dicom.ul import set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_SOP_CLASSES: list[str] = [
     str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax
 ]
-
-
-def set_nodelay(sock: socket.socket | None) -> None:
-    """Disable Nagle: DIMSE is request/response, and delayed ACKs cost ~40 ms a message."""
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
@@ -108,6 +105,20 @@ def end_if_never_requested(assoc: Association) -> None:
     """
     if assoc.is_acceptor and assoc.requestor.primitive is None:
         assoc.dul.to_user_queue.put(None)
+
+
+def c_store_of(event: evt.Event) -> tuple[StoreRequest, bytes]:
+    """A pynetdicom C-STORE event as our acceptor gives one: the request and its dataset."""
+    request = event.request
+    assert isinstance(request, C_STORE) and request.DataSet is not None
+    store = StoreRequest(
+        message_id=int(request.MessageID or 0),
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        priority=int(request.Priority or 0),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+    )
+    return store, request.DataSet.getvalue()
 
 
 def _on_conn_open(event: evt.Event) -> None:

@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from imagebridge.dicom.net import set_nodelay
 from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -43,11 +42,17 @@ class ProtocolError(ConnectionError):
     """The peer sent something this client cannot follow; the association is aborted."""
 
 
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle: DIMSE is request/response, and delayed ACKs cost ~40 ms a message."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _padded_ae(title: str) -> bytes:
     return title.encode("ascii")[:16].ljust(16, b" ")
 
 
-def _item(item_type: int, payload: bytes) -> bytes:
+def pdu_item(item_type: int, payload: bytes) -> bytes:
     return struct.pack(">BBH", item_type, 0, len(payload)) + payload
 
 
@@ -59,16 +64,16 @@ def associate_rq(
     called: str, calling: str, contexts: list[tuple[int, str, list[str]]], max_pdu: int
 ) -> bytes:
     body = struct.pack(">HH", 1, 0) + _padded_ae(called) + _padded_ae(calling) + b"\x00" * 32
-    body += _item(0x10, _uid(APPLICATION_CONTEXT))
+    body += pdu_item(0x10, _uid(APPLICATION_CONTEXT))
     for context_id, abstract, syntaxes in contexts:
-        sub = _item(0x30, _uid(abstract)) + b"".join(_item(0x40, _uid(s)) for s in syntaxes)
-        body += _item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
+        sub = pdu_item(0x30, _uid(abstract)) + b"".join(pdu_item(0x40, _uid(s)) for s in syntaxes)
+        body += pdu_item(0x20, struct.pack(">BBBB", context_id, 0, 0, 0) + sub)
     user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, _uid(IMPLEMENTATION_CLASS_UID))
-        + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
+        pdu_item(0x51, struct.pack(">I", max_pdu))
+        + pdu_item(0x52, _uid(IMPLEMENTATION_CLASS_UID))
+        + pdu_item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
     )
-    body += _item(0x50, user)
+    body += pdu_item(0x50, user)
     return struct.pack(">BBI", A_ASSOCIATE_RQ, 0, len(body)) + body
 
 
@@ -103,11 +108,11 @@ def parse_associate_ac(body: bytes, proposed: dict[int, str]) -> Accepted:
     return Accepted(max_pdu, contexts)
 
 
-def _element(tag: int, value: bytes) -> bytes:
+def command_element(tag: int, value: bytes) -> bytes:
     return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-def _even_uid(uid: str) -> bytes:
+def even_uid(uid: str) -> bytes:
     raw = uid.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -116,15 +121,15 @@ def c_store_rq(message_id: int, sop_class: str, sop_instance: str, priority: int
     """The C-STORE-RQ command set, implicit VR little endian (PS3.7 9.3.1.1)."""
     body = b"".join(
         (
-            _element(0x00000002, _even_uid(sop_class)),
-            _element(0x00000100, struct.pack("<H", C_STORE_RQ)),
-            _element(0x00000110, struct.pack("<H", message_id)),
-            _element(0x00000700, struct.pack("<H", priority)),
-            _element(0x00000800, struct.pack("<H", 0x0000)),  # a dataset follows
-            _element(0x00001000, _even_uid(sop_instance)),
+            command_element(0x00000002, even_uid(sop_class)),
+            command_element(0x00000100, struct.pack("<H", C_STORE_RQ)),
+            command_element(0x00000110, struct.pack("<H", message_id)),
+            command_element(0x00000700, struct.pack("<H", priority)),
+            command_element(0x00000800, struct.pack("<H", 0x0000)),  # a dataset follows
+            command_element(0x00001000, even_uid(sop_instance)),
         )
     )
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
+    return command_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 def parse_command(data: bytes) -> dict[int, bytes]:

@@ -20,9 +20,14 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
-from imagebridge.dicom.net import ACCEPTED_TRANSFER_SYNTAXES, NODELAY_HANDLERS, UNCOMPRESSED
+from imagebridge.dicom.acceptor import StoreRequest
+from imagebridge.dicom.net import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    NODELAY_HANDLERS,
+    UNCOMPRESSED,
+    c_store_of,
+)
 from imagebridge.dicom.part10 import file_meta
 from imagebridge.settings import PacsQueryRetrieve
 
@@ -133,7 +138,7 @@ def fetch_by_get(
         ae.add_requested_context(storage, ACCEPTED_TRANSFER_SYNTAXES)
     roles = [build_role(storage, scp_role=True) for storage in STORAGE_FOR_GET]
     inbox = _Folder(folder)
-    handlers = [(evt.EVT_C_STORE, inbox.on_store)]
+    handlers = [(evt.EVT_C_STORE, lambda event: inbox.on_store(*c_store_of(event)))]
     with _association(ae, node, ext_neg=roles, evt_handlers=handlers) as assoc:
         result = _outcome(assoc.send_c_get(identifier, sop_class), "C-GET")
     result.files = inbox.files
@@ -178,21 +183,17 @@ class _Folder:
         self.files: list[Path] = []
         self._lock = threading.Lock()
 
-    def on_store(self, event: evt.Event) -> int:
-        request = event.request
-        assert isinstance(request, C_STORE)
-        sop_instance = str(request.AffectedSOPInstanceUID or "")
+    def on_store(self, request: StoreRequest, dataset: bytes | bytearray) -> int:
+        sop_instance = request.sop_instance_uid
         if not _is_uid(sop_instance):
             return CANNOT_UNDERSTAND
-        meta = file_meta(
-            str(request.AffectedSOPClassUID), sop_instance, str(event.context.transfer_syntax)
-        )
+        meta = file_meta(request.sop_class_uid, sop_instance, request.transfer_syntax_uid)
         path = self.folder / f"{sop_instance}.dcm"
         tmp = self.folder / f".{uuid.uuid4().hex}.part"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(meta)
-                fh.write(event.encoded_dataset(include_meta=False))
+                fh.write(dataset)
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
@@ -236,9 +237,11 @@ class MoveInbox:
         with self._lock:
             return calling_ae_title in self._expected
 
-    def c_store(self, calling_ae_title: str, event: evt.Event) -> int:
+    def c_store(
+        self, calling_ae_title: str, request: StoreRequest, dataset: bytes | bytearray
+    ) -> int:
         with self._lock:
             target = self._expected.get(calling_ae_title)
         if target is None:
             return CANNOT_UNDERSTAND
-        return target.on_store(event)
+        return target.on_store(request, dataset)

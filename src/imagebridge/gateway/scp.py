@@ -6,26 +6,42 @@ to the spool. A C-STORE is answered with success only after the instance is dura
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
+from imagebridge.dicom.acceptor import (
+    AssociateRequest,
+    Refusal,
+    StoreAssociation,
+    StoreRequest,
+    associate_ac,
+    associate_rj,
+    negotiate,
+    sniff,
+    storage_request,
+)
 from imagebridge.dicom.net import (
+    STORAGE_SOP_CLASSES,
+    VERIFICATION,
+    c_store_of,
     end_if_never_requested,
     limit_incoming_pdus,
-    set_nodelay,
     storage_scp_ae,
 )
 from imagebridge.dicom.part10 import BadDataset, read_header
+from imagebridge.dicom.ul import set_nodelay
 from imagebridge.gateway.journal import Journal
 from imagebridge.gateway.pacs_scu import MoveInbox
 from imagebridge.gateway.routing import RoutingTable
@@ -50,6 +66,8 @@ REJECTED_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
+# ... and rejected-transient, by the service provider (presentation): too many at once
+TOO_MANY = Refusal(0x02, 0x03, 0x02)
 
 
 @dataclass
@@ -64,7 +82,11 @@ class _AssociationState:
     out_of_resources: bool = False  # some C-STORE was refused with A700: it will come again
 
 
-def _status(code: int, comment: str) -> Dataset:
+def _status(answer: tuple[int, str]) -> int | Dataset:
+    """A handler's answer as pynetdicom takes it."""
+    code, comment = answer
+    if code == SUCCESS:
+        return SUCCESS
     ds = Dataset()
     ds.Status = code
     ds.ErrorComment = comment[:64]
@@ -72,6 +94,15 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
+    """C-ECHO and C-STORE on the gateway's port, with pynetdicom's AE beside them.
+
+    A plain association that asks only for storage and verification is served by our own
+    acceptor (``dicom/acceptor.py``): that is every PACS sending a study, and the CPU a
+    C-STORE costs there is a fraction of pynetdicom's. Everything else (query/retrieve on
+    the same port, DICOM TLS, anything out of the ordinary) is handed to pynetdicom with
+    its request unread. Both apply the same checks, through the same methods below.
+    """
+
     def __init__(
         self,
         settings: GatewaySettings,
@@ -95,6 +126,11 @@ class StorageSCP:
         self._states: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._own: set[StoreAssociation[_AssociationState]] = set()
+        self._connections: set[threading.Thread] = set()
+        self._closing = False
+        self._syntaxes: dict[str, list[str]] = {}
+        self._others: frozenset[str] = frozenset()
         # Built now, so that a bad certificate or key stops the gateway before it starts.
         self._tls = dicom_scp_context(settings, self.ae.network_timeout)
 
@@ -109,6 +145,13 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_end),
             *self.services,
         ]
+        # What the AE supports, services added: ours serves storage and verification.
+        self._syntaxes = {
+            str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
+            for cx in self.ae.supported_contexts
+        }
+        ours = set(STORAGE_SOP_CLASSES) | {VERIFICATION}
+        self._others = frozenset(self._syntaxes) - ours
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.port),
             block=False,
@@ -116,6 +159,9 @@ class StorageSCP:
             # DICOM TLS when configured; the calling AE and address checks apply as ever.
             ssl_context=self._tls,
         )
+        if self._tls is None:
+            # Each connection first comes to us (see the class's comment).
+            self._server.process_request = self._connection
         port: int = self._server.server_address[1]
         return port
 
@@ -128,85 +174,67 @@ class StorageSCP:
         if self._server is None:
             return
         server, self._server = self._server, None
+        with self._lock:
+            self._closing = True
         open_ones: list[Association] = list(server.active_associations)
         server.shutdown()
         deadline = time.monotonic() + grace_seconds
+        with self._lock:
+            connections = list(self._connections)
         for assoc in open_ones:
             assoc.join(max(0.0, deadline - time.monotonic()))
+        for thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
         for assoc in open_ones:
             if assoc.is_alive():
                 assoc.abort()
                 assoc.join(ABORT_WAIT_SECONDS)
+        with self._lock:
+            own = list(self._own)
+        for association in own:
+            association.abort()
+        for thread in connections:
+            thread.join(ABORT_WAIT_SECONDS)
 
     def caller(self, assoc: Association) -> _AssociationState | None:
         """The calling node of an accepted association, with its permissions."""
         return self._states.get(id(assoc))
 
-    def _on_open(self, event: evt.Event) -> None:
-        if event.assoc.dul.socket is None or event.assoc.dul.socket.socket is None:
-            return
-        sock = event.assoc.dul.socket.socket
-        set_nodelay(sock)
-        limit_incoming_pdus(event.assoc, self.settings.max_pdu)
-        refused = handshake(sock)  # DICOM TLS: nothing unless the SCP speaks it
-        if refused is not None:
-            log.warning("association refused: %s", refused)
-            address = event.assoc.requestor.address
-            self.journal.write(
-                "dicom:association:refused", "refused", source_address=address, reason=refused
-            )
+    # -- the checks, for both acceptors ------------------------------------------------------
 
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc: Association = event.assoc
-        request = assoc.requestor.primitive
-        assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
-        calling = str(request.calling_ae_title).strip()
-        called = str(request.called_ae_title).strip()
-        address = assoc.requestor.address
+    def admit(self, request: AssociateRequest, address: str) -> _AssociationState | Refusal:
+        """Our acceptor's A-ASSOCIATE-RQ: who may call, to what, and how many at once."""
+        with self._lock:
+            busy = len(self._own) + len(self._server.active_associations if self._server else [])
+        if busy >= self.settings.max_associations:
+            log.warning("association refused: %d associations open", busy)
+            self._refused(request.calling_ae_title, request.called_ae_title, address, "too many")
+            return TOO_MANY
+        return self._admit(request.calling_ae_title, request.called_ae_title, address)
+
+    def _admit(self, calling: str, called: str, address: str) -> _AssociationState | Refusal:
         known = [
             n
             for n in self.settings.calling_aes
             if n.ae_title == calling and (n.host is None or n.host == address)
         ]
         if not known:
-            self._reject(
-                assoc,
-                CALLING_AE_NOT_RECOGNISED,
-                calling,
-                called,
-                address,
-                "calling AE title not recognised",
+            why, diagnostic = "calling AE title not recognised", CALLING_AE_NOT_RECOGNISED
+        elif called != self.settings.ae_title and self.routing.lookup(called) is None:
+            why, diagnostic = "called AE title is no known route", CALLED_AE_NOT_RECOGNISED
+        else:
+            self.journal.write(
+                "dicom:association:accepted",
+                source_address=address,
+                calling_ae_title=calling,
+                called_ae_title=called,
             )
-            return
-        if called != self.settings.ae_title and self.routing.lookup(called) is None:
-            self._reject(
-                assoc,
-                CALLED_AE_NOT_RECOGNISED,
-                calling,
-                called,
-                address,
-                "called AE title is no known route",
-            )
-            return
-        with self._lock:
-            self._states[id(assoc)] = _AssociationState(
-                calling, called, address, frozenset(known[0].permissions)
-            )
-        self.journal.write(
-            "dicom:association:accepted",
-            source_address=address,
-            calling_ae_title=calling,
-            called_ae_title=called,
-        )
-
-    def _reject(
-        self, assoc: Association, diagnostic: int, calling: str, called: str, address: str, why: str
-    ) -> None:
-        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-        # As pynetdicom does for its own rejections: wait until the DUL has sent the
-        # A-ASSOCIATE-RJ, or the socket is shut down first and the peer sees only an abort.
-        assoc.kill()
+            return _AssociationState(calling, called, address, frozenset(known[0].permissions))
         log.warning("association refused: %s", why)
+        self._refused(calling, called, address, why)
+        return Refusal(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+
+    def _refused(self, calling: str, called: str, address: str, why: str) -> None:
         self.journal.write(
             "dicom:association:refused",
             "refused",
@@ -216,23 +244,21 @@ class StorageSCP:
             reason=why,
         )
 
-    def _on_echo(self, event: evt.Event) -> int | Dataset:
-        state = self._states.get(id(event.assoc))
-        if state is None or "echo" not in state.permissions:
-            if state is not None:
-                return self._refuse(state, NOT_AUTHORIZED, "C-ECHO not permitted", "", "")
-            return _status(NOT_AUTHORIZED, "C-ECHO not permitted")
-        return SUCCESS
+    def echo(self, state: _AssociationState) -> tuple[int, str]:
+        if "echo" not in state.permissions:
+            return self._refuse(state, NOT_AUTHORIZED, "C-ECHO not permitted", "", "")
+        return SUCCESS, ""
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        state = self._states.get(id(event.assoc))
-        if state is None:
-            return _status(CANNOT_UNDERSTAND, "association not accepted")
+    def store(
+        self, state: _AssociationState, request: StoreRequest, raw: bytearray | bytes
+    ) -> tuple[int, str]:
+        """One C-STORE: checked, then durable in the spool before it is answered."""
         if state.called_ae_title == self.settings.ae_title and self.fetches.expects(
             state.calling_ae_title
         ):
             # Not a send to route: the PACS answering a fetch this gateway asked for.
-            return self.fetches.c_store(state.calling_ae_title, event)
+            status = self.fetches.c_store(state.calling_ae_title, request, raw)
+            return status, ""
         if "store" not in state.permissions:
             return self._refuse(state, NOT_AUTHORIZED, "C-STORE not permitted", "", "")
         route = self.routing.lookup(state.called_ae_title)
@@ -241,16 +267,13 @@ class StorageSCP:
         refusal = self.routing.refusal or route.refusal
         if refusal:
             return self._refuse(state, NOT_AUTHORIZED, refusal, "", "")
-        request = event.request
-        assert isinstance(request, C_STORE) and request.DataSet is not None
-        syntax = str(event.context.transfer_syntax)
-        raw: bytes = request.DataSet.getvalue()
+        syntax = request.transfer_syntax_uid
         try:
             header = read_header(io.BytesIO(raw), syntax)
         except BadDataset as exc:
             return self._refuse(state, CANNOT_UNDERSTAND, str(exc), "", "")
-        if header.sop_class_uid != str(request.AffectedSOPClassUID) or (
-            header.sop_instance_uid != str(request.AffectedSOPInstanceUID)
+        if header.sop_class_uid != request.sop_class_uid or (
+            header.sop_instance_uid != request.sop_instance_uid
         ):
             return self._refuse(
                 state,
@@ -264,7 +287,7 @@ class StorageSCP:
             return self._refuse(
                 state, CANNOT_UNDERSTAND, "no PatientID: cannot be filed safely", "", ""
             )
-        priority = "urgent" if request.Priority == 1 else route.priority  # 1 = HIGH
+        priority = "urgent" if request.priority == 1 else route.priority  # 1 = HIGH
         try:
             self.spool.accept(
                 raw,
@@ -296,11 +319,11 @@ class StorageSCP:
                 header.study_instance_uid,
             )
         state.studies[(header.text("PatientID"), header.study_instance_uid)] += 1
-        return SUCCESS
+        return SUCCESS, ""
 
     def _refuse(
         self, state: _AssociationState, code: int, reason: str, patient: str, study: str
-    ) -> Dataset:
+    ) -> tuple[int, str]:
         state.refused += 1
         state.out_of_resources |= code == OUT_OF_RESOURCES
         log.warning("C-STORE refused (0x%04X): %s", code, reason)
@@ -315,18 +338,11 @@ class StorageSCP:
             status=f"0x{code:04X}",
             reason=reason,
         )
-        return _status(code, reason)
+        return code, reason
 
-    def _on_end(self, event: evt.Event) -> None:
-        if event.event is evt.EVT_CONN_CLOSE:
-            end_if_never_requested(event.assoc)
-        with self._lock:
-            state = self._states.pop(id(event.assoc), None)
-        if state is None:
-            return
+    def ended(self, state: _AssociationState, *, aborted: bool) -> None:
         # Anything but a release (an A-ABORT, a dropped connection) leaves the study open
         # for the PACS to send again what got no answer; so does a refusal for want of space.
-        aborted = event.event is not evt.EVT_RELEASED
         self.spool.association_ended(state.transfers, aborted=aborted or state.out_of_resources)
         for (patient, study), count in state.studies.items():
             # One event per study and association, like ATNA's "DICOM Instances Transferred".
@@ -340,3 +356,129 @@ class StorageSCP:
                 instances=count,
                 aborted=aborted,
             )
+
+    # -- our acceptor ------------------------------------------------------------------------
+
+    def _connection(self, sock: socket.socket, address: Sequence[Any]) -> None:
+        """From pynetdicom's accept loop: each connection gets a thread of its own."""
+        thread = threading.Thread(
+            target=self._serve_connection, args=(sock, address), name="store-scp", daemon=True
+        )
+        with self._lock:
+            self._connections.add(thread)
+        thread.start()
+
+    def _serve_connection(self, sock: socket.socket, address: Sequence[Any]) -> None:
+        try:
+            set_nodelay(sock)
+            pdu = sniff(sock, self.ae.acse_timeout or 30.0)
+            if pdu is None:  # closed, or no whole request in time
+                _close(sock)
+                return
+            request = storage_request(pdu, self._syntaxes, self._others) if pdu else None
+            server = self._server
+            if request is None or server is None:
+                if server is None:
+                    _close(sock)
+                else:
+                    server.process_request_thread(sock, address)  # pynetdicom's, unread
+                return
+            self._serve(sock, pdu, request, str(address[0]))
+        except Exception:
+            log.exception("an association failed")
+            _close(sock)
+        finally:
+            with self._lock:
+                self._connections.discard(threading.current_thread())
+
+    def _serve(
+        self, sock: socket.socket, pdu: bytes, request: AssociateRequest, address: str
+    ) -> None:
+        sock.settimeout(self.ae.network_timeout or 60.0)
+        sock.recv(len(pdu), socket.MSG_WAITALL)  # read at last: it is ours to answer
+        admitted = self.admit(request, address)
+        if isinstance(admitted, Refusal):
+            with contextlib.suppress(OSError):
+                sock.sendall(associate_rj(admitted))
+            _close(sock)
+            return
+        chosen, accepted = negotiate(request, self._syntaxes.get)
+        association = StoreAssociation(
+            sock,
+            request,
+            accepted,
+            self,
+            admitted,
+            max_pdu=self.settings.max_pdu,
+            timeout=self.ae.network_timeout or 60.0,
+        )
+        with self._lock:
+            self._own.add(association)
+            closing = self._closing
+        try:
+            if closing:
+                association.abort()
+            else:
+                sock.sendall(associate_ac(request, chosen, self.settings.max_pdu))
+            association.serve()
+        finally:
+            with self._lock:
+                self._own.discard(association)
+
+    # -- pynetdicom's events -----------------------------------------------------------------
+
+    def _on_open(self, event: evt.Event) -> None:
+        if event.assoc.dul.socket is None or event.assoc.dul.socket.socket is None:
+            return
+        sock = event.assoc.dul.socket.socket
+        set_nodelay(sock)
+        limit_incoming_pdus(event.assoc, self.settings.max_pdu)
+        refused = handshake(sock)  # DICOM TLS: nothing unless the SCP speaks it
+        if refused is not None:
+            log.warning("association refused: %s", refused)
+            address = event.assoc.requestor.address
+            self.journal.write(
+                "dicom:association:refused", "refused", source_address=address, reason=refused
+            )
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc: Association = event.assoc
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        admitted = self._admit(calling, called, assoc.requestor.address)
+        if isinstance(admitted, Refusal):
+            assoc.acse.send_reject(admitted.result, admitted.source, admitted.reason)
+            # As pynetdicom does for its own rejections: wait until the DUL has sent the
+            # A-ASSOCIATE-RJ, or the socket is shut down first and the peer sees only an abort.
+            assoc.kill()
+            return
+        with self._lock:
+            self._states[id(assoc)] = admitted
+
+    def _on_echo(self, event: evt.Event) -> int | Dataset:
+        state = self._states.get(id(event.assoc))
+        if state is None:
+            return _status((NOT_AUTHORIZED, "C-ECHO not permitted"))
+        return _status(self.echo(state))
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        state = self._states.get(id(event.assoc))
+        if state is None:
+            return _status((CANNOT_UNDERSTAND, "association not accepted"))
+        return _status(self.store(state, *c_store_of(event)))
+
+    def _on_end(self, event: evt.Event) -> None:
+        if event.event is evt.EVT_CONN_CLOSE:
+            end_if_never_requested(event.assoc)
+        with self._lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is not None:
+            self.ended(state, aborted=event.event is not evt.EVT_RELEASED)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

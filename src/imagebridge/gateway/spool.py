@@ -130,7 +130,9 @@ def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     fsync_path(path.parent)
 
 
-def _write_instance(final: Path, meta: bytes, dataset: bytes, reuse: Path | None) -> None:
+def _write_instance(
+    final: Path, meta: bytes, dataset: bytes | bytearray, reuse: Path | None
+) -> None:
     """Write straight to the final name, then fsync: one journal commit, not two.
 
     ``reuse``, a spent spool file, is renamed to the final name and written over: a new
@@ -313,7 +315,7 @@ class Spool:
 
     def accept(
         self,
-        dataset: bytes,
+        dataset: bytes | bytearray,
         *,
         sop_class_uid: str,
         sop_instance_uid: str,
