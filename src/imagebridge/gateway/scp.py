@@ -204,15 +204,20 @@ class StorageSCP:
 
     def admit(self, request: AssociateRequest, address: str) -> _AssociationState | Refusal:
         """Our acceptor's A-ASSOCIATE-RQ: who may call, to what, and how many at once."""
-        with self._lock:
-            busy = len(self._own) + len(self._server.active_associations if self._server else [])
-        if busy >= self.settings.max_associations:
-            log.warning("association refused: %d associations open", busy)
-            self._refused(request.calling_ae_title, request.called_ae_title, address, "too many")
-            return TOO_MANY
-        return self._admit(request.calling_ae_title, request.called_ae_title, address)
+        return self._admit(request.calling_ae_title, request.called_ae_title, address, busy=1)
 
-    def _admit(self, calling: str, called: str, address: str) -> _AssociationState | Refusal:
+    def _admit(
+        self, calling: str, called: str, address: str, busy: int
+    ) -> _AssociationState | Refusal:
+        """``busy``: what this request adds to the associations counted open."""
+        server = self._server
+        with self._lock:
+            open_now = len(self._own) + len(server.active_associations if server else [])
+        if open_now + busy > self.settings.max_associations:
+            log.warning("association refused: %d associations open", open_now)
+            self._refused(calling, called, address, "too many associations at once")
+            return TOO_MANY
+
         known = [
             n
             for n in self.settings.calling_aes
@@ -447,7 +452,8 @@ class StorageSCP:
         assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
-        admitted = self._admit(calling, called, assoc.requestor.address)
+        # (pynetdicom counts this one among its own already.)
+        admitted = self._admit(calling, called, assoc.requestor.address, busy=0)
         if isinstance(admitted, Refusal):
             assoc.acse.send_reject(admitted.result, admitted.source, admitted.reason)
             # As pynetdicom does for its own rejections: wait until the DUL has sent the

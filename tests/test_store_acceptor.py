@@ -1,0 +1,128 @@
+"""The gateway's port has two acceptors behind it: our own for plain storage and
+verification associations, pynetdicom's for the rest (query/retrieve, anything unusual),
+handed the connection with its request unread. Each answer says who gave it: the
+A-ASSOCIATE-AC carries the implementation class UID of the acceptor that sent it.
+
+Both count against one limit of associations at once, and a request that comes in pieces
+still gets its answer.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fuzz import dimse
+from imagebridge.demo.network import GatewayProcess, Network
+from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID
+from imagebridge.dicom.ul import associate_rq
+
+CALLING = "PACS_SEG"
+ROUTE = "IB_RVH"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+LIMIT = 3
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    network = Network(tmp_path_factory.mktemp("acceptor") / "net")
+    try:
+        network.start_hub()
+        network.add_institution("SEG", "St Elsewhere General Hospital")
+        network.add_institution("RVH", "Riverside Hospital")
+        yield network.start_gateway(
+            "SEG",
+            calling_aes=[{"ae_title": CALLING, "host": "127.0.0.1"}],
+            max_associations=LIMIT,
+        )
+    finally:
+        network.stop()
+
+
+def implementation_uid(ac: bytes) -> str:
+    """The implementation class UID in an A-ASSOCIATE-AC's user information."""
+    pos = 68
+    while pos + 4 <= len(ac):
+        item_type, _, length = struct.unpack_from(">BBH", ac, pos)
+        if item_type == 0x50:
+            sub = pos + 4
+            while sub < pos + 4 + length:
+                sub_type, _, sub_length = struct.unpack_from(">BBH", ac, sub)
+                if sub_type == 0x52:
+                    return ac[sub + 4 : sub + 4 + sub_length].decode().rstrip("\x00")
+                sub += 4 + sub_length
+        pos += 4 + length
+    raise AssertionError("no implementation class UID")
+
+
+def echo_on(peer: dimse.Peer) -> int:
+    peer.send(dimse.p_data(dimse.pdv(dimse.ECHO_CONTEXT, dimse.c_echo_rq(), 3)))
+    answer = peer.read_pdu()
+    assert answer is not None and answer[0] == dimse.P_DATA_TF
+    status = dimse.Exchange([answer]).statuses()[0]
+    peer.send(dimse.release_rq())
+    assert peer.read_pdu() == (dimse.A_RELEASE_RP, b"\x00" * 4)
+    return status
+
+
+def test_storage_is_ours_and_query_is_pynetdicoms(gateway: GatewayProcess) -> None:
+    peer = dimse.Peer(gateway.port)
+    answer = peer.associate(ROUTE, CALLING)
+    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+    assert implementation_uid(answer[1]) == IMPLEMENTATION_CLASS_UID
+    assert echo_on(peer) == 0x0000
+
+    contexts = [(1, dimse.VERIFICATION, [dimse.IMPLICIT_LE]), (3, FIND, [dimse.IMPLICIT_LE])]
+    peer = dimse.Peer(gateway.port)
+    peer.send(associate_rq(gateway.ae_title, CALLING, contexts, 1 << 16))
+    answer = peer.read_pdu()
+    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+    assert implementation_uid(answer[1]) != IMPLEMENTATION_CLASS_UID
+    assert echo_on(peer) == 0x0000
+
+
+def test_a_request_in_pieces_is_answered(gateway: GatewayProcess) -> None:
+    request = dimse.association_request(ROUTE, CALLING)
+    peer = dimse.Peer(gateway.port)
+    peer.send(request[:20])
+    time.sleep(0.5)  # longer than our acceptor waits for the rest: pynetdicom reads it
+    peer.send(request[20:])
+    answer = peer.read_pdu()
+    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+    assert echo_on(peer) == 0x0000
+
+
+def test_one_limit_of_associations_for_both_acceptors(gateway: GatewayProcess) -> None:
+    held = []
+    for n in range(LIMIT):
+        peer = dimse.Peer(gateway.port)
+        if n == 0:  # one held by pynetdicom, the others by ours
+            contexts = [
+                (1, dimse.VERIFICATION, [dimse.IMPLICIT_LE]),
+                (3, FIND, [dimse.IMPLICIT_LE]),
+            ]
+            peer.send(associate_rq(gateway.ae_title, CALLING, contexts, 1 << 16))
+            answer = peer.read_pdu()
+        else:
+            answer = peer.associate(ROUTE, CALLING)
+        assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+        held.append(peer)
+    for request in (
+        dimse.association_request(ROUTE, CALLING),  # for ours
+        associate_rq(gateway.ae_title, CALLING, [(3, FIND, [dimse.IMPLICIT_LE])], 1 << 16),
+    ):
+        extra = dimse.Peer(gateway.port)
+        extra.send(request)
+        # Rejected-transient by the service provider: local limit exceeded (PS3.8 9.3.4).
+        assert extra.read_pdu() == (dimse.A_ASSOCIATE_RJ, bytes([0, 2, 3, 2]))
+        assert extra.finish().closed_by_peer
+    for peer in held:
+        assert echo_on(peer) == 0x0000
+        peer.sock.close()
+    peer = dimse.Peer(gateway.port)
+    answer = peer.associate(ROUTE, CALLING)
+    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+    assert echo_on(peer) == 0x0000
