@@ -14,6 +14,7 @@ from imagebridge.agreements import services
 from imagebridge.agreements.models import Agreement
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import InstitutionAdmin, NetworkAdmin, get_hub
+from imagebridge.hub.inbox import TASKS, WORK
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
@@ -107,7 +108,8 @@ def withdraw(code: str, body: WithdrawIn, actor: InstitutionAdmin, hub: HubDep) 
             detail={"reason": body.reason},
             **actor.audit(),
         )
-    hub.notifier.nudge(institution.id)
+    for topic in (WORK, TASKS):
+        hub.notifier.nudge(institution.id, topic)
     return {"institution": code, "withdrawn": count}
 
 

@@ -114,6 +114,9 @@ class Elements:
         self._buf = buf
         self._elements = elements
         self._syntax = syntax
+        # (pydicom works these out anew on each call.)
+        self._implicit = syntax.is_implicit_VR
+        self._little = syntax.is_little_endian
         self._encodings = encodings or [default_encoding]
         self._texts: dict[str, str] = {}
         self._items: dict[str, list[Elements]] = {}
@@ -127,7 +130,7 @@ class Elements:
             return None
         _, start, value_start, end = found
         vr = None  # implicit VR: pydicom looks it up in its dictionary
-        if not self._syntax.is_implicit_VR and (explicit := self._buf[start + 4 : start + 6]):
+        if not self._implicit and (explicit := self._buf[start + 4 : start + 6]):
             vr = explicit.decode("ascii") if explicit in EXPLICIT_VRS else None
         if vr == "SQ" or (
             vr is None and self._buf[value_start - 4 : value_start] == _UNDEFINED_FIELD
@@ -139,8 +142,8 @@ class Elements:
             end - value_start,
             self._buf[value_start:end],
             value_start,
-            self._syntax.is_implicit_VR,
-            self._syntax.is_little_endian,
+            self._implicit,
+            self._little,
         )
         try:
             return convert_raw_data_element(raw, encoding=self._encodings).value
@@ -167,9 +170,9 @@ class Elements:
             return None
         _, start, value_start, end = found
         vr = _dictionary_vr(tag)
-        if not self._syntax.is_implicit_VR and value_start - start != 8 + 4 * (vr in _LONG):
+        if not self._implicit and value_start - start != 8 + 4 * (vr in _LONG):
             return None  # not the dictionary's VR: leave it to pydicom
-        if not self._syntax.is_implicit_VR and self._buf[start + 4 : start + 6] != vr.encode():
+        if not self._implicit and self._buf[start + 4 : start + 6] != vr.encode():
             return None
         raw = self._buf[value_start:end]
         if not raw.isascii() or b"\\" in raw or b"\x1b" in raw:
@@ -190,12 +193,12 @@ class Elements:
         found = self._elements.get(_tag(keyword))
         if found is None:
             return []
-        order = "<" if self._syntax.is_little_endian else ">"
+        order = "<" if self._little else ">"
         return [
             Elements(
                 self._buf, {t: (t, *b) for t, b in item.items()}, self._syntax, self._encodings
             )
-            for item in sequence_items(self._buf, *found[1:], order, self._syntax.is_implicit_VR)
+            for item in sequence_items(self._buf, *found[1:], order, self._implicit)
         ]
 
 
@@ -277,7 +280,8 @@ class Header:
 
 
 def read_header(
-    source: bytes | memoryview | Path | BinaryIO, transfer_syntax_uid: str | None = None
+    source: bytes | bytearray | memoryview | Path | BinaryIO,
+    transfer_syntax_uid: str | None = None,
 ) -> Header:
     """Find the identifying header (groups up to 0020), check its UIDs, walk the rest.
 
@@ -305,8 +309,9 @@ def read_header(
 
 def _header_of(buf: Buffer, start: int, syntax: UID) -> Header:
     order = "<" if syntax.is_little_endian else ">"
+    implicit = syntax.is_implicit_VR
     try:
-        head = walk(buf, start, order, syntax.is_implicit_VR, stop=HEADER_END_TAG)
+        head = walk(buf, start, order, implicit, stop=HEADER_END_TAG)
     except BadDataset as exc:
         raise BadDataset(f"unreadable dataset header ({exc})") from exc
     end = head[-1][3] if head else start
@@ -325,14 +330,14 @@ def _header_of(buf: Buffer, start: int, syntax: UID) -> Header:
     for item in header.items(OTHER_IDS):
         item.text("PatientID")
         item.text("IssuerOfPatientID")
-    walk(buf, end, order, syntax.is_implicit_VR)  # the rest, so that it is whole
+    walk(buf, end, order, implicit)  # the rest, so that it is whole
     return header
 
 
 @contextmanager
-def _opened(source: bytes | memoryview | Path | BinaryIO) -> Iterator[Buffer]:
+def _opened(source: bytes | bytearray | memoryview | Path | BinaryIO) -> Iterator[Buffer]:
     """The source's bytes, not copied: a file is mapped, not read."""
-    if isinstance(source, bytes | memoryview):
+    if isinstance(source, bytes | bytearray | memoryview):
         yield source
     elif isinstance(source, io.BytesIO):
         # getvalue() shares the bytes a BytesIO was made from; getbuffer() would copy them.

@@ -7,7 +7,6 @@ to the spool. A C-STORE is answered with success only after the instance is dura
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import socket
 import threading
@@ -274,7 +273,7 @@ class StorageSCP:
             return self._refuse(state, NOT_AUTHORIZED, refusal, "", "")
         syntax = request.transfer_syntax_uid
         try:
-            header = read_header(io.BytesIO(raw), syntax)
+            header = read_header(raw, syntax)
         except BadDataset as exc:
             return self._refuse(state, CANNOT_UNDERSTAND, str(exc), "", "")
         if header.sop_class_uid != request.sop_class_uid or (

@@ -7,6 +7,10 @@ milliseconds, a gateway long-polling another. (A short database poll would do it
 costs every idle gateway's poll a query every half second: with hundreds of institutions,
 thousands of queries a second for nothing.) Nudges are hints only: pollers still look at the
 database on a timer, often while no channel joins the processes, rarely once one does.
+
+A nudge has a topic: work to deliver (WORK), or query/retrieve tasks and their answers
+(TASKS). Each study crossing nudges its receiver many times; the gateway's task pollers
+need not look at the database for each.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ CHANNEL = "imagebridge_inbox"
 RECHECK_SECONDS = 0.5  # nothing tells this process what other processes queued
 RECHECK_LISTENING_SECONDS = 5.0  # the channel does; this only covers a lost notification
 RECONNECT_SECONDS = 2.0
+WORK, TASKS = "work", "tasks"
+Key = tuple[str, int]
 
 
 class InboxNotifier:
     def __init__(self) -> None:
-        self._events: dict[int, asyncio.Event] = {}
+        self._events: dict[Key, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bus: InboxBus | None = None
 
@@ -54,31 +60,31 @@ class InboxNotifier:
         listening = self._bus is not None and self._bus.listening
         return RECHECK_LISTENING_SECONDS if listening else RECHECK_SECONDS
 
-    def event(self, institution_id: int) -> asyncio.Event:
-        return self._events.setdefault(institution_id, asyncio.Event())
+    def event(self, institution_id: int, topic: str = WORK) -> asyncio.Event:
+        return self._events.setdefault((topic, institution_id), asyncio.Event())
 
-    def nudge(self, institution_id: int) -> None:
+    def nudge(self, institution_id: int, topic: str = WORK) -> None:
         """Callable from any thread, after the commit that queued the work."""
-        self._wake(institution_id)
+        self._wake((topic, institution_id))
         if self._bus is not None:
-            self._bus.publish(institution_id)
+            self._bus.publish((topic, institution_id))
 
-    def _wake(self, institution_id: int) -> None:
+    def _wake(self, key: Key) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._set, institution_id)
+            self._loop.call_soon_threadsafe(self._set, key)
 
     def _wake_all(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._set_all)
 
-    def _set(self, institution_id: int) -> None:
-        event = self._events.pop(institution_id, None)
+    def _set(self, key: Key) -> None:
+        event = self._events.pop(key, None)
         if event is not None:
             event.set()
 
     def _set_all(self) -> None:
-        for institution_id in list(self._events):
-            self._set(institution_id)
+        for key in list(self._events):
+            self._set(key)
 
 
 class InboxBus:
@@ -90,13 +96,13 @@ class InboxBus:
     """
 
     def __init__(
-        self, engine: Engine, on_nudge: Callable[[int], None], on_connect: Callable[[], None]
+        self, engine: Engine, on_nudge: Callable[[Key], None], on_connect: Callable[[], None]
     ) -> None:
         self.engine = engine
         self.on_nudge = on_nudge
         self.on_connect = on_connect
         self.listening = False
-        self._outbox: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Key | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._listen, name="inbox-listen", daemon=True),
@@ -113,8 +119,8 @@ class InboxBus:
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def publish(self, institution_id: int) -> None:
-        self._outbox.put(institution_id)
+    def publish(self, key: Key) -> None:
+        self._outbox.put(key)
 
     def _publish(self) -> None:
         while (first := self._outbox.get()) is not None:
@@ -127,10 +133,10 @@ class InboxBus:
                 wanted.add(more)
             try:
                 with self.engine.connect() as connection:
-                    for institution_id in sorted(wanted):
+                    for key in sorted(wanted):
                         connection.execute(
                             text("SELECT pg_notify(:channel, :payload)"),
-                            {"channel": CHANNEL, "payload": str(institution_id)},
+                            {"channel": CHANNEL, "payload": _payload(key)},
                         )
                     connection.commit()
             except Exception as exc:  # the pollers' timer still finds the work
@@ -151,10 +157,23 @@ class InboxBus:
                     self.on_connect()
                     while not self._stop.is_set():
                         for notice in connection.notifies(timeout=1.0):
-                            if notice.payload.isdigit():
-                                self.on_nudge(int(notice.payload))
+                            if (key := _key(notice.payload)) is not None:
+                                self.on_nudge(key)
             except psycopg.Error as exc:
                 log.warning("inbox: listening for other hub processes failed: %s", exc)
             finally:
                 self.listening = False
             self._stop.wait(RECONNECT_SECONDS)
+
+
+def _payload(key: Key) -> str:
+    """A bare institution id for work, as hub processes of every version read it."""
+    topic, institution_id = key
+    return str(institution_id) if topic == WORK else f"{topic}:{institution_id}"
+
+
+def _key(payload: str) -> Key | None:
+    topic, _, number = payload.rpartition(":")
+    if not number.isdigit() or topic not in ("", TASKS):
+        return None
+    return (topic or WORK, int(number))

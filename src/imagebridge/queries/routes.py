@@ -24,6 +24,7 @@ from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, Sender, get_hub, require
 from imagebridge.hub.gateway_api import Digests, framed_blobs
+from imagebridge.hub.inbox import TASKS
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import MAX_LIMIT, QueryError
 from imagebridge.institutions.models import Gateway, Institution
@@ -91,7 +92,7 @@ async def _poll(
     wait early; the database is rechecked meanwhile, for what other hub processes wrote."""
     deadline = time.monotonic() + seconds
     while True:
-        event = hub.notifier.event(institution_id)
+        event = hub.notifier.event(institution_id, TASKS)
         found = await run_in_threadpool(check)
         remaining = deadline - time.monotonic()
         if found is not None or remaining <= 0:
@@ -145,7 +146,7 @@ def _ask(
 
 def _nudge_after_commit(hub: Hub, institution_ids: list[int]) -> None:
     for institution_id in institution_ids:
-        hub.notifier.nudge(institution_id)
+        hub.notifier.nudge(institution_id, TASKS)
 
 
 # -- a gateway's network query ------------------------------------------------------------
@@ -335,7 +336,7 @@ def _fetch_from_source(
             **actor.audit(),
         )
         source_id = source.id
-    hub.notifier.nudge(source_id)
+    hub.notifier.nudge(source_id, TASKS)
     return {"instances": [], "fetch": task_id, "source": holders[0]}
 
 
@@ -465,7 +466,7 @@ def gateway_task_result(
         requester = task.requester_institution_id
     if late is not None:
         raise HTTPException(409, f"the task is {late}: its answer is not wanted")
-    hub.notifier.nudge(requester)
+    hub.notifier.nudge(requester, TASKS)
     return {"id": task_id, "status": status}
 
 
@@ -542,7 +543,7 @@ def _start_pacs_find(hub: Hub, actor: Actor, body: PacsFindIn) -> tuple[int, str
         request = {"level": body.level, "keys": matching, "limit": body.limit}
         [task_id] = _ask(session, hub, [home], request, actor, requester=home.id)
         home_id = home.id
-    hub.notifier.nudge(home_id)
+    hub.notifier.nudge(home_id, TASKS)
     return home_id, task_id, matching
 
 
@@ -634,7 +635,7 @@ def pacs_fetch(body: PacsFetchIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
     """Have one's own gateway fetch studies from its PACS and send them to another
     institution as a transfer; follow it with GET /pacs/tasks/{task_id}."""
     home_id, out = _start_pacs_fetch(hub, actor, body)
-    hub.notifier.nudge(home_id)
+    hub.notifier.nudge(home_id, TASKS)
     return out
 
 
