@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import audit_events, require_tool
+from conftest import audit_events, require_tool, wait_until
 from imagebridge.demo.network import GatewayProcess, Network
 from imagebridge.demo.pacs import MiniPacs
 from imagebridge.demo.synthetic import CT_IMAGE_STORAGE, StudyFiles, generate_ct_study
@@ -98,8 +98,10 @@ def test_no_exchange_without_agreement_and_withdrawal_stops_it_at_once(
     # RVH has signed nothing: its PACS-side peer is refused with the standard status.
     outcomes = _send(seg, study)
     assert all("0x0124" in o and NO_AGREEMENT in o for o in outcomes), outcomes
-    refused = audit_events(net, "dicom:instance:refused")
-    assert refused and NO_AGREEMENT in refused[-1]["detail"]["reason"]
+    refused = wait_until(
+        "the refusal audited at the hub", lambda: audit_events(net, "dicom:instance:refused")
+    )
+    assert NO_AGREEMENT in refused[-1]["detail"]["reason"]
     r = _api_transfer(net, study.study_instance_uid)
     assert r.status_code == 403 and NO_AGREEMENT in r.json()["detail"]
     assert pacs.count() == 0
@@ -191,5 +193,11 @@ def test_each_calling_node_does_only_the_dicom_actions_it_is_permitted(
     assert result.outcome == "failed" and "0x0124" in result.detail
     (result,) = store_files(node, "STORE_ONLY", files)
     assert result.outcome == "delivered", result.detail
-    reasons = [e["detail"]["reason"] for e in audit_events(net, "dicom:instance:refused")]
-    assert "C-STORE not permitted" in reasons and "C-ECHO not permitted" in reasons
+
+    def refusals() -> set[str]:
+        events = audit_events(net, "dicom:instance:refused")
+        reasons = {e["detail"]["reason"] for e in events}
+        return reasons if {"C-STORE not permitted", "C-ECHO not permitted"} <= reasons else set()
+
+    # The gateway's journal reaches the hub on the uploader's next round.
+    wait_until("both refusals audited at the hub", refusals)
