@@ -48,6 +48,7 @@ from dicomweb import start_orthanc  # noqa: E402
 from exchange import cpu_seconds  # noqa: E402
 from imagebridge.demo.network import Network, stop_process  # noqa: E402
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study  # noqa: E402
+from imagebridge.gateway import delivery  # noqa: E402
 from imagebridge.gateway.hubclient import HubClient  # noqa: E402
 from imagebridge.settings import GatewaySettings  # noqa: E402
 from pg import PostgresServer, postgres_binaries  # noqa: E402
@@ -56,7 +57,7 @@ from seaweed import SeaweedServer, weed_path  # noqa: E402
 BATCH_INSTANCES = GatewaySettings.model_fields["upload_batch_instances"].default
 BATCH_BYTES = GatewaySettings.model_fields["upload_batch_bytes"].default
 RECEIVER = "RCV"
-DELIVERY_BATCH = 32  # as the gateway leases work
+DELIVERY_BATCH, DELIVERY_BYTES = delivery.BATCH, delivery.BATCH_BYTES  # as gateways lease
 # The national load, as the issue states it; the rest are stated assumptions, printed.
 STUDIES_PER_YEAR = 12_000_000
 INSTITUTIONS = 400
@@ -281,7 +282,7 @@ def deliver_all(hubs: Hubs, folder: Path) -> Measure:
         cache.mkdir(parents=True, exist_ok=True)
         try:
             while True:
-                work = client.work(DELIVERY_BATCH, 0)
+                work = client.work(DELIVERY_BATCH, 0, DELIVERY_BYTES)
                 if work["transfer"] is None:
                     return
                 digests = sorted({i["sha256"] for i in work["instances"]})

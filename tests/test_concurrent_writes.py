@@ -178,3 +178,14 @@ def test_work_is_leased_to_one_taker_only_and_every_delivery_counts(hub: Hub) ->
         assert transfer.status == TransferStatus.delivered
         done = select(func.count()).where(AuditEvent.action == "transfer:transfer:delivered")
         assert session.scalar(done) == 1
+
+
+def test_a_lease_stays_within_its_bytes_and_always_holds_one(hub: Hub) -> None:
+    _queued_transfer(hub)
+    largest = max(size for _, _, size in hub.items)
+    with transaction(hub.sessions) as session:
+        batch = services.next_work(session, hub.rvh, 100, 60, max_bytes=largest * 3)
+        assert batch is not None and 3 <= len(batch.instances) < len(hub.items)
+        assert sum(i.size for i in batch.instances) <= largest * 3
+        batch = services.next_work(session, hub.rvh, 100, 60, max_bytes=1)
+        assert batch is not None and len(batch.instances) == 1  # larger than asked, still one

@@ -453,8 +453,8 @@ class GatewaySettings(_TomlSettings):
     routes_refresh_seconds: float = Field(
         30.0, gt=0, description="How often the routing table and agreements are re-read"
     )
-    upload_batch_instances: int = 32
-    upload_batch_bytes: int = 32 * 1024 * 1024
+    upload_batch_instances: int = 128
+    upload_batch_bytes: int = 64 * 1024 * 1024
     study_stable_seconds: float = Field(
         2.0, description="Quiet time after an association before a study's transfer is closed"
     )

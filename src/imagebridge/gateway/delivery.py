@@ -29,7 +29,10 @@ from imagebridge.gateway.uploader import Backoff
 from imagebridge.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-BATCH = 32
+# A batch is leased, downloaded and sent as one: larger batches cost fewer requests on both
+# sides; its bytes bound what the download cache holds for it.
+BATCH = 128
+BATCH_BYTES = 64 * 1024**2
 LONG_POLL_SECONDS = 20.0
 
 
@@ -120,7 +123,7 @@ class Deliverer:
             # While the PACS is down, wait instead of leasing work that cannot be delivered.
             self._pacs_ok.wait()
             try:
-                work = self.hub.work(BATCH, LONG_POLL_SECONDS)
+                work = self.hub.work(BATCH, LONG_POLL_SECONDS, BATCH_BYTES)
                 hub_backoff.succeeded()
             except (HubUnavailable, HubError) as exc:
                 delay = hub_backoff.failed()

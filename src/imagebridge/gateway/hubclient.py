@@ -115,11 +115,14 @@ class HubClient:
         )
         return result
 
-    def work(self, limit: int, wait: float) -> dict[str, Any]:
+    def work(self, limit: int, wait: float, max_bytes: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "wait": wait}
+        if max_bytes is not None:
+            params["max_bytes"] = max_bytes
         result: dict[str, Any] = self._call(
             "GET",
             "/api/v1/gateway/work",
-            params={"limit": limit, "wait": wait},
+            params=params,
             timeout=wait + 30,
         )
         return result

@@ -168,10 +168,10 @@ def framed_blobs(hub: Hub, wanted: list[str], allowed: set[str], why: str) -> St
     )
 
 
-def _take_work(hub: Hub, actor: Actor, limit: int) -> dict[str, Any] | None:
+def _take_work(hub: Hub, actor: Actor, limit: int, max_bytes: int | None) -> dict[str, Any] | None:
     with hub.sessions() as session, session.begin():
         assert actor.institution_id is not None
-        batch = services.next_work(session, actor.institution_id, limit, LEASE_SECONDS)
+        batch = services.next_work(session, actor.institution_id, limit, LEASE_SECONDS, max_bytes)
         if batch is None:
             return None
         t = batch.transfer
@@ -193,6 +193,9 @@ async def work(
     actor: GatewayActor,
     hub: HubDep,
     limit: int = Query(32, ge=1, le=1000),
+    max_bytes: int | None = Query(
+        None, ge=1, description="Bytes the batch may come to (it still holds one item)"
+    ),
     wait: float = Query(0.0, ge=0.0, description="Seconds to wait for work (long poll)"),
 ) -> dict[str, Any]:
     """Lease the next items to deliver, urgent transfers first; waits up to `wait` seconds."""
@@ -200,7 +203,7 @@ async def work(
     deadline = time.monotonic() + min(wait, hub.settings.inbox_wait_seconds)
     while True:
         event = hub.notifier.event(actor.institution_id)
-        found = await run_in_threadpool(_take_work, hub, actor, limit)
+        found = await run_in_threadpool(_take_work, hub, actor, limit, max_bytes)
         if found is not None:
             return found
         remaining = deadline - time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
@@ -393,10 +394,26 @@ class WorkBatch:
     reports: list[ReportItem]
 
 
+def _within(candidates: Sequence[WorkItem], max_bytes: int | None) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    total = 0
+    for item in candidates:
+        total += item.size
+        if items and max_bytes is not None and total > max_bytes:
+            break
+        items.append(item)
+    return items
+
+
 def next_work(
-    session: Session, receiver_id: int, limit: int, lease_seconds: float
+    session: Session,
+    receiver_id: int,
+    limit: int,
+    lease_seconds: float,
+    max_bytes: int | None = None,
 ) -> WorkBatch | None:
-    """Lease the next deliverable items for an institution: urgent first, then oldest."""
+    """Lease the next deliverable items for an institution: urgent first, then oldest; at
+    most ``limit`` of them, and no more than ``max_bytes`` together (but always one)."""
     now = utcnow()
     free = or_(TransferInstance.lease_until.is_(None), TransferInstance.lease_until < now)
     # A withdrawn agreement stops delivery at once, on either side.
@@ -437,7 +454,7 @@ def next_work(
             # Another hub process may be leasing this transfer's items right now: take others.
             .with_for_update(of=TransferInstance, skip_locked=True)
         ).all()
-        items = [WorkItem(*row) for row in rows]
+        items = _within([WorkItem(*row) for row in rows], max_bytes)
         if items:
             # One statement for the whole lease: this runs for every batch delivered.
             session.execute(
