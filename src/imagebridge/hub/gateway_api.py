@@ -211,7 +211,7 @@ async def work(
             return {"transfer": None, "instances": [], "reports": []}
         with contextlib.suppress(TimeoutError):
             # The database is looked at again meanwhile (hub/inbox.py says how often).
-            recheck = hub.notifier.recheck_seconds
+            recheck = hub.notifier.recheck_seconds()
             await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
 
 

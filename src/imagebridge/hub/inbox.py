@@ -40,12 +40,14 @@ class InboxNotifier:
         self._events: dict[Key, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bus: InboxBus | None = None
+        self._alone = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def connect(self, engine: Engine) -> None:
         """Join the other hub processes on the same PostgreSQL database (none on SQLite)."""
+        self._alone = engine.dialect.name == "sqlite"
         if engine.dialect.name == "postgresql" and self._bus is None:
             self._bus = InboxBus(engine, self._wake, self._wake_all)
             self._bus.start()
@@ -55,10 +57,15 @@ class InboxNotifier:
             self._bus.stop()
             self._bus = None
 
-    @property
-    def recheck_seconds(self) -> float:
+    def recheck_seconds(self, topic: str = WORK) -> float:
+        """How long a poll waits for a nudge before it looks anyway. Tasks are made only by
+        requests to a hub process, each nudging: with one process (SQLite) every nudge
+        arrives, and the look is a safety net. Work also comes back when a lease runs out,
+        which nothing nudges."""
         listening = self._bus is not None and self._bus.listening
-        return RECHECK_LISTENING_SECONDS if listening else RECHECK_SECONDS
+        if listening or (topic == TASKS and self._alone):
+            return RECHECK_LISTENING_SECONDS
+        return RECHECK_SECONDS
 
     def event(self, institution_id: int, topic: str = WORK) -> asyncio.Event:
         return self._events.setdefault((topic, institution_id), asyncio.Event())

@@ -98,7 +98,7 @@ async def _poll(
         if found is not None or remaining <= 0:
             return found
         with contextlib.suppress(TimeoutError):
-            recheck = hub.notifier.recheck_seconds
+            recheck = hub.notifier.recheck_seconds(TASKS)
             await asyncio.wait_for(event.wait(), timeout=min(remaining, recheck))
 
 

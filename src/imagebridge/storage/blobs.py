@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,9 +98,11 @@ class StagedBlob:
     """Bytes being received, in a local file, hashed as they arrive."""
 
     def __init__(self, tmp_dir: Path) -> None:
-        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
+        # A random name, created exclusively: mkstemp's way, at a fraction of its cost (one
+        # is made for every instance received).
+        self._tmp = tmp_dir / f"blob-{secrets.token_hex(8)}"
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "wb")
-        self._tmp = Path(name)
         self._hash = hashlib.sha256()
         self._size = 0
 
