@@ -12,6 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import text
 
 from imagebridge.db import make_engine
@@ -130,6 +133,29 @@ def mini_pacs(tmp_path: Path) -> Iterator[Callable[[str], MiniPacs]]:
     yield make
     for pacs in started:
         pacs.stop()
+
+
+def settled_files(folder: Path, count: int, timeout: float = 120) -> list[Path]:
+    """The files a PACS wrote into ``folder``, once there are ``count`` and none is still
+    being written: DCMTK's storescp writes straight under the final name, so a file may be
+    seen empty or cut short. Sizes unchanged over a pause, and none empty, say it is done."""
+    deadline = time.monotonic() + timeout
+    before: dict[Path, int] = {}
+    while time.monotonic() < deadline:
+        sizes = {p: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        if len(sizes) >= count and all(sizes.values()) and sizes == before:
+            return sorted(sizes)
+        before = sizes
+        time.sleep(0.3)
+    raise AssertionError(f"{count} whole files never arrived in {folder.name}")
+
+
+def whole_dataset(path: Path, **options: Any) -> Dataset | None:
+    """The dataset in a file a PACS wrote, or None while it is still being written."""
+    try:
+        return dcmread(path, **options)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError):
+        return None
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:

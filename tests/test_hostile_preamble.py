@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import require_tool
+from conftest import require_tool, settled_files
 from fuzz.figures import input_path
 from fuzz.http_inputs import EXECUTABLE, with_preamble
 from hubapp import INSIDE, InProcessHub
@@ -104,10 +103,7 @@ def test_a_polyglot_sent_by_a_pacs_arrives_without_its_executable(
         capture_output=True,
         timeout=60,
     )
-    deadline = time.monotonic() + 120
-    while len(list(received.iterdir())) < len(files) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    arrived = sorted(received.iterdir())
+    arrived = settled_files(received, len(files))
     assert len(arrived) == len(files)
     for path in arrived:  # what the receiving PACS got
         assert_neutralised(path.read_bytes(), EXECUTABLE)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from conftest import audit_events, require_tool, wait_for_transfer
+from conftest import audit_events, require_tool, wait_for_transfer, whole_dataset
 from imagebridge.demo.network import Network, free_port, stop_process, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 from imagebridge.gateway.hubclient import HubClient
@@ -129,8 +129,8 @@ def delivered(received: Path, files: StudyFiles, timeout: float = 60) -> list[An
     while time.monotonic() < deadline:
         found = [
             ds
-            for ds in (dcmread(p, stop_before_pixels=True) for p in received.iterdir())
-            if ds.SOPInstanceUID in uids
+            for ds in (whole_dataset(p, stop_before_pixels=True) for p in received.iterdir())
+            if ds is not None and ds.SOPInstanceUID in uids
         ]
         if len(found) == len(uids):
             return found

@@ -35,7 +35,7 @@ import pytest
 from pydicom.dataset import Dataset, FileDataset
 from pynetdicom import AE
 
-from conftest import audit_events, require_tool
+from conftest import audit_events, require_tool, whole_dataset
 from imagebridge.demo.network import GatewayProcess, Network, free_port, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 from imagebridge.dicom.net import NODELAY_HANDLERS
@@ -247,8 +247,8 @@ def _at_workstation(qr: QR, study_instance_uid: str, count: int) -> list[FileDat
     while True:
         found = [
             ds
-            for ds in (pydicom.dcmread(p) for p in qr.workstation.iterdir() if p.is_file())
-            if ds.StudyInstanceUID == study_instance_uid
+            for ds in (whole_dataset(p) for p in qr.workstation.iterdir() if p.is_file())
+            if ds is not None and ds.StudyInstanceUID == study_instance_uid
         ]
         if len(found) >= count or time.monotonic() > deadline:
             return found

@@ -28,7 +28,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from conftest import hub_query, require_tool, wait_until
+from conftest import hub_query, require_tool, wait_until, whole_dataset
 from imagebridge.demo.network import Network, free_port, stop_process, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 
@@ -208,7 +208,12 @@ def in_pacs(folder: Path, at_least: int) -> Counter[str]:
     """How many times RVH's PACS stored each SOP Instance UID, once it holds ``at_least``
     files (an empty Counter before)."""
     files = list(folder.iterdir())
-    return Counter(sop_uid(p) for p in files) if len(files) >= at_least else Counter()
+    if len(files) < at_least:
+        return Counter()
+    found = [whole_dataset(p, stop_before_pixels=True) for p in files]
+    if any(ds is None for ds in found):  # one still being written: look again
+        return Counter()
+    return Counter(str(ds.SOPInstanceUID) for ds in found if ds is not None)
 
 
 def notices_sent(net: Network, transfer: str) -> int:
