@@ -37,6 +37,7 @@ from imagebridge.dicom.ul import (
     even_uid,
     parse_command,
     pdu_item,
+    read_exact,
 )
 
 # The longest A-ASSOCIATE-RQ read here; a longer one is pynetdicom's to judge.
@@ -175,7 +176,8 @@ def storage_request(
 
 
 def _items(data: bytes, pos: int) -> list[tuple[int, bytes]]:
-    """The items from ``pos`` to the end; ProtocolError-free: a bad length ends it as None."""
+    """The items from ``pos`` to the end; a length past the end gives one item of type -1,
+    which every caller refuses."""
     found: list[tuple[int, bytes]] = []
     while pos < len(data):
         if pos + 4 > len(data):
@@ -279,9 +281,9 @@ def response(
 
 
 class Aborted(Exception):
-    """The association ends now with an A-ABORT (reason), or without one (None)."""
+    """The association ends now with an A-ABORT of this reason."""
 
-    def __init__(self, reason: int | None) -> None:
+    def __init__(self, reason: int) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -308,7 +310,6 @@ class StoreAssociation(Generic[A]):
         timeout: float,
     ) -> None:
         self.sock = sock
-        self.request = request
         self.accepted = accepted
         self.service = service
         self.admitted = admitted
@@ -320,7 +321,6 @@ class StoreAssociation(Generic[A]):
         self.fragment = max(peer - 6, 64)
         self._command = bytearray()
         self._message: _Message | None = None
-        self._stopping = False
 
     def serve(self) -> None:
         aborted = True
@@ -328,9 +328,8 @@ class StoreAssociation(Generic[A]):
             self.sock.settimeout(self.timeout)
             aborted = not self._loop()
         except Aborted as exc:
-            if exc.reason is not None:
-                with contextlib.suppress(OSError):
-                    self.sock.sendall(abort_pdu(exc.reason))
+            with contextlib.suppress(OSError):
+                self.sock.sendall(abort_pdu(exc.reason))
         except (OSError, ProtocolError):
             pass  # the connection dropped or timed out: an abort
         finally:
@@ -341,7 +340,6 @@ class StoreAssociation(Generic[A]):
 
     def abort(self) -> None:
         """From another thread: end the association now (the process is stopping)."""
-        self._stopping = True
         with contextlib.suppress(OSError):
             self.sock.sendall(abort_pdu(0))
         with contextlib.suppress(OSError):
@@ -364,22 +362,11 @@ class StoreAssociation(Generic[A]):
                 raise Aborted(UNEXPECTED_PDU)
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        head = self._read(6)
+        head = read_exact(self.sock, 6)
         pdu_type, _, length = struct.unpack(">BBI", head)
         if length > self.limit:
             raise Aborted(INVALID_PARAMETER)
-        return pdu_type, memoryview(self._read(length))
-
-    def _read(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            r = self.sock.recv_into(view[got:], n - got)
-            if r == 0:
-                raise ProtocolError("the connection closed")
-            got += r
-        return buf
+        return pdu_type, memoryview(read_exact(self.sock, length))
 
     def _p_data(self, body: memoryview) -> None:
         if len(body) < 6:

@@ -346,7 +346,8 @@ def _pdv_header(context_id: int, length: int, control: int) -> bytes:
 MAX_INCOMING_PDU = OUR_MAX_PDU + 64
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
+def read_exact(sock: socket.socket, n: int) -> bytearray:
+    """``n`` bytes from the socket, into one buffer (not copied again)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -355,11 +356,11 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
         if r == 0:
             raise ProtocolError("the connection closed")
         got += r
-    return bytes(buf)
+    return buf
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, _, length = struct.unpack(">BBI", _read_exact(sock, 6))
+    pdu_type, _, length = struct.unpack(">BBI", read_exact(sock, 6))
     if length > MAX_INCOMING_PDU:
         raise ProtocolError(f"a PDU of {length} bytes exceeds the {OUR_MAX_PDU} we accept")
-    return pdu_type, _read_exact(sock, length)
+    return pdu_type, bytes(read_exact(sock, length))
