@@ -9,6 +9,7 @@ through the real login steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from hubapp import InProcessHub, Person
 from imagebridge.db import make_engine
 from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.migrate import upgrade
+from imagebridge.nhs import is_valid_nhs_number
 
 NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 ALICE = "9434765919"  # at SEG, NTH and (registered) RVH, all agreeing
@@ -454,31 +456,65 @@ def test_many_local_ids_in_one_request_answer_as_one_each(
     net: InProcessHub, registered: None
 ) -> None:
     """The matches of one C-FIND name many patients: the gateway asks for all at once, and
-    gets what it would have got asking one by one, each lookup audited."""
+    gets what it would have got asking one by one; the batch is audited as one lookup that
+    names every number, as ATNA audits a query."""
+    everyone = [ALICE, BOB, CAROL, DAVE, NOBODY]
+    for code in ("RVH", "SEG"):
+        answers = ask_local_ids(net, code, [*everyone, ALICE])
+        assert answers == {nhs: ask_local_id(net, code, nhs).json() for nhs in everyone}
+    assert answers[ALICE]["patient_id"] == "SEG778899"  # SEG's, from what it sent
     before = len(audit(net, "patient:identity:lookup"))
-    r = net.client().post(
-        "/api/v1/gateway/patients/local-ids",
-        json={"nhs_numbers": [ALICE, NOBODY, ALICE]},
-        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
-    )
-    assert r.status_code == 200, r.text
-    answers = r.json()["answers"]
-    assert answers == {nhs: ask_local_id(net, "RVH", nhs).json() for nhs in (ALICE, NOBODY)}
-    assert answers[ALICE]["patient_id"] == "RVH0042"
-    # One event per patient (Alice asked twice is one lookup), then one per single request.
-    assert len(audit(net, "patient:identity:lookup")) == before + 2 + 2
-    r = net.client().post(
-        "/api/v1/gateway/patients/local-ids",
-        json={"nhs_numbers": [ALICE, "9434765918"]},
-        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
-    )
+    answers = ask_local_ids(net, "RVH", [NOBODY, ALICE, CAROL, BOB, DAVE, ALICE])
+    assert answers[ALICE]["patient_id"] == "RVH0042"  # registered
+    assert answers[BOB]["patient_id"] == "RVH0099"
+    assert answers[NOBODY]["patient_id"] is None and not answers[NOBODY]["conflict"]
+    for nhs in (CAROL, DAVE):  # one local ID under both
+        assert "another NHS number" in answers[nhs]["conflict"]
+    [event] = audit(net, "patient:identity:lookup")[before:]
+    assert event["patient_ref"] == ""  # many patients: named in the detail
+    assert event["detail"] == {
+        "operation": "local-ids",
+        "nhs_numbers": sorted(everyone),
+        "found": 2,
+        "conflicts": {nhs: answers[nhs]["conflict"] for nhs in (CAROL, DAVE)},
+    }
+    ask_local_ids(net, "RVH", [ALICE])
+    [event] = audit(net, "patient:identity:lookup")[before + 1 :]
+    assert event["patient_ref"] == ALICE and event["detail"]["found"] == 1
+
+    # As many as the request allows: more than one IN list's worth.
+    many = [*everyone, *valid_nhs_numbers(1000 - len(everyone))]
+    got = ask_local_ids(net, "RVH", many)
+    [event] = audit(net, "patient:identity:lookup")[before + 2 :]
+    assert len(event["detail"]["nhs_numbers"]) == 1000 and event["detail"]["found"] == 2
+    assert got == {nhs: answers.get(nhs, answers[NOBODY]) for nhs in many}
+
+    r = post_local_ids(net, "RVH", [ALICE, "9434765918"])
     assert r.status_code == 422 and "1 not valid NHS numbers" in r.text
-    r = net.client().post(
+    assert post_local_ids(net, "RVH", [ALICE] * 1001).status_code == 422
+
+
+def post_local_ids(net: InProcessHub, code: str, numbers: list[str]) -> httpx.Response:
+    """As the institution's gateway asks before answering a C-FIND."""
+    return net.client().post(
         "/api/v1/gateway/patients/local-ids",
-        json={"nhs_numbers": [ALICE] * 1001},
-        headers={"Authorization": f"Bearer {net.gateway_token('RVH')}"},
+        json={"nhs_numbers": numbers},
+        headers={"Authorization": f"Bearer {net.gateway_token(code)}"},
     )
-    assert r.status_code == 422
+
+
+def ask_local_ids(net: InProcessHub, code: str, numbers: list[str]) -> dict[str, Any]:
+    r = post_local_ids(net, code, numbers)
+    assert r.status_code == 200, r.text
+    answers: dict[str, Any] = r.json()["answers"]
+    return answers
+
+
+def valid_nhs_numbers(count: int) -> list[str]:
+    """Valid NHS numbers nobody in these tests has."""
+    stems = (f"{stem}" for stem in range(100_000_000, 999_999_999))
+    candidates = (stem + digit for stem in stems for digit in "0123456789")
+    return list(islice((n for n in candidates if is_valid_nhs_number(n)), count))
 
 
 def test_the_migration_links_patients_indexed_before_it(database_url: str) -> None:

@@ -230,7 +230,8 @@ def test_the_gateway_keeps_answers_briefly_and_falls_back_without_the_hub(
 
 def test_the_gateway_asks_for_many_patients_at_once(net: tuple[Network, Path]) -> None:
     """Before answering a C-FIND the gateway learns the local ID of every patient in its
-    matches with one request; the lookups that follow ask the hub nothing."""
+    matches with one request, audited as one lookup; the lookups that follow ask the hub
+    nothing."""
     network, _ = net
     gina, hal = "9434765218", "9434765226"
     register(network, "RVH0300", gina, "1991-01-01", "female")
@@ -242,7 +243,9 @@ def test_the_gateway_asks_for_many_patients_at_once(net: tuple[Network, Path]) -
         asked = len(gateway_lookups(network))
         assert lookup(gina) == LocalPatient("RVH0300", "RVH", "19910101", "F")
         assert lookup(hal) == "RVH-STATIC-H"  # the index knows none: the static map
-        assert len(gateway_lookups(network)) == asked == before + 2
+        assert len(gateway_lookups(network)) == asked == before + 1
+        detail = gateway_lookups(network)[-1]["detail"]
+        assert detail["nhs_numbers"] == [gina, hal] and detail["found"] == 1
     finally:
         hub.close()
 

@@ -33,14 +33,17 @@ import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from conftest import audit_events, require_tool, whole_dataset
 from imagebridge.demo.network import GatewayProcess, Network, free_port, wait_for_port
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
 from imagebridge.dicom.net import NODELAY_HANDLERS
+from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID
 from imagebridge.gateway.hubclient import HubClient
-from imagebridge.gateway.pacs_scu import STUDY_ROOT_FIND
+from imagebridge.gateway.pacs_scu import STUDY_ROOT_FIND, STUDY_ROOT_MOVE
 from orthanc import ORTHANC, Modality, Orthanc
 
 pytestmark = pytest.mark.peers
@@ -405,6 +408,56 @@ def test_findscu_patient_series_and_image_levels(qr: QR, tmp_path: Path) -> None
     expected = {pydicom.dcmread(p).SOPInstanceUID for p in seg.paths}
     assert {i.SOPInstanceUID for i in images} == expected
     assert len(images) == 3
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_both_acceptors_answer_a_c_find_alike(qr: QR, syntax: str) -> None:
+    """An association for C-FIND alone is our acceptor's, one that also asks for C-MOVE is
+    pynetdicom's: the same query gets the same answers from both, element for element
+    (our acceptor encodes them itself)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = NHS_NUMBER
+    query.IssuerOfPatientID = "NHS"
+    for keyword in (
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "RetrieveAETitle",
+        "InstanceAvailability",
+    ):
+        setattr(query, keyword, "")
+    query.ProcedureCodeSequence = Sequence()  # asked for, returned empty
+    answers: dict[bool, list[Dataset]] = {}
+    for models in ([STUDY_ROOT_FIND], [STUDY_ROOT_FIND, STUDY_ROOT_MOVE]):
+        ae = AE(ae_title=WORKSTATION)
+        for model in models:
+            ae.add_requested_context(model, [syntax])
+        assoc = ae.associate(
+            "127.0.0.1", qr.rvh.port, ae_title=qr.rvh.ae_title, evt_handlers=NODELAY_HANDLERS
+        )
+        assert assoc.is_established
+        ours = assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        try:
+            responses = list(assoc.send_c_find(query, STUDY_ROOT_FIND))
+        finally:
+            assoc.release()
+        assert responses[-1][0].Status == 0x0000
+        pending = [ds for status, ds in responses if status.Status == 0xFF00]
+        answers[ours] = sorted(pending, key=lambda ds: str(ds.StudyInstanceUID))
+    assert len(answers[True]) >= 3
+    assert answers[True] == answers[False]
+    for ds in answers[True]:
+        assert ds.ProcedureCodeSequence == Sequence()
+        assert ds.RetrieveAETitle == qr.rvh.ae_title
 
 
 # -- C-MOVE and C-GET ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The gateway's port has two acceptors behind it: our own for plain storage and
-verification associations, pynetdicom's for the rest (query/retrieve, anything unusual),
+"""The gateway's port has two acceptors behind it: our own for plain storage, verification
+and C-FIND associations, pynetdicom's for the rest (C-MOVE, C-GET, anything unusual),
 handed the connection with its request unread. Each answer says who gave it: the
 A-ASSOCIATE-AC carries the implementation class UID of the acceptor that sent it.
 
@@ -23,6 +23,7 @@ from imagebridge.dicom.ul import associate_rq
 CALLING = "PACS_SEG"
 ROUTE = "IB_RVH"
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve - MOVE
 LIMIT = 3
 
 
@@ -68,19 +69,20 @@ def echo_on(peer: dimse.Peer) -> int:
     return status
 
 
-def test_storage_is_ours_and_query_is_pynetdicoms(gateway: GatewayProcess) -> None:
-    peer = dimse.Peer(gateway.port)
-    answer = peer.associate(ROUTE, CALLING)
-    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
-    assert implementation_uid(answer[1]) == IMPLEMENTATION_CLASS_UID
-    assert echo_on(peer) == 0x0000
-
-    contexts = [(1, dimse.VERIFICATION, [dimse.IMPLICIT_LE]), (3, FIND, [dimse.IMPLICIT_LE])]
+@pytest.mark.parametrize(
+    ("abstract_syntaxes", "ours"),
+    [((), True), ((FIND,), True), ((FIND, MOVE), False), ((MOVE,), False)],
+)
+def test_storage_and_find_are_ours_and_retrieve_is_pynetdicoms(
+    gateway: GatewayProcess, abstract_syntaxes: tuple[str, ...], ours: bool
+) -> None:
+    contexts = [(1, dimse.VERIFICATION, [dimse.IMPLICIT_LE])]
+    contexts += [(3 + 2 * n, uid, [dimse.IMPLICIT_LE]) for n, uid in enumerate(abstract_syntaxes)]
     peer = dimse.Peer(gateway.port)
     peer.send(associate_rq(gateway.ae_title, CALLING, contexts, 1 << 16))
     answer = peer.read_pdu()
     assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
-    assert implementation_uid(answer[1]) != IMPLEMENTATION_CLASS_UID
+    assert (implementation_uid(answer[1]) == IMPLEMENTATION_CLASS_UID) is ours
     assert echo_on(peer) == 0x0000
 
 

@@ -1,23 +1,27 @@
-"""A small DICOM Upper Layer acceptor (PS3.8) for the one thing on the receiving hot path:
-C-STORE (and C-ECHO) from a PACS or modality.
+"""A small DICOM Upper Layer acceptor (PS3.8) for what a gateway does most: C-STORE (and
+C-ECHO) from a PACS or modality, and C-FIND from a workstation.
 
 pynetdicom decodes and re-encodes every command set with pydicom and passes each PDU
-between threads through its state machine: for a CT of hundreds of slices that is most
-of a gateway's CPU. Here one thread reads PDUs straight into the message they belong to
-and answers with a few struct.pack calls; a dataset is handed on as the bytes received.
+between threads through its state machine: for a CT of hundreds of slices, or a C-FIND
+answered with hundreds of matches, that is most of a gateway's CPU. Here one thread reads
+PDUs straight into the message they belong to and answers with a few struct.pack calls; a
+dataset is handed on as the bytes received, and a C-FIND's answers are sent in batches.
 
-Only plain, well-formed requests for storage and verification come here (see
-``storage_request``); anything else (query/retrieve, extended negotiation, user identity,
-TLS, a request that does not parse) stays with pynetdicom, which answers it as before.
+Only plain, well-formed requests for storage, verification and C-FIND come here (see
+``storage_request``); anything else (C-MOVE and C-GET, extended negotiation, user
+identity, TLS, a request that does not parse) stays with pynetdicom, which answers it as
+before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -40,12 +44,18 @@ from imagebridge.dicom.ul import (
     read_exact,
 )
 
+log = logging.getLogger(__name__)
+
 # The longest A-ASSOCIATE-RQ read here; a longer one is pynetdicom's to judge.
 MAX_REQUEST = 64 * 1024
 PARTIAL_SECONDS = 0.2
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 C_CANCEL_RQ = 0x0FFF
+UNABLE_TO_PROCESS = 0xC000
+# A C-FIND's answers go out when this much is ready (and at the end): one send, not one each.
+SEND_BATCH = 64 * 1024
 # A-ABORT (PS3.8 9.3.8): source 2 = service provider; reasons
 UNEXPECTED_PDU, INVALID_PARAMETER = 2, 6
 # A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2)
@@ -98,6 +108,19 @@ class StoreService(Protocol[A]):
     def echo(self, admitted: A) -> tuple[int, str]: ...
 
     def store(self, admitted: A, request: StoreRequest, dataset: bytearray) -> tuple[int, str]: ...
+
+    def find(
+        self,
+        admitted: A,
+        sop_class: str,
+        identifier: bytes,
+        transfer_syntax: str,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, str, bytes | None]]:
+        """A C-FIND's answers: (status, error comment, identifier encoded in
+        ``transfer_syntax``) for each pending one, then the final one without an identifier.
+        ``cancelled`` says whether the caller has sent C-CANCEL."""
+        ...
 
     def ended(self, admitted: A, *, aborted: bool) -> None: ...
 
@@ -262,13 +285,16 @@ def response(
     sop_instance: str,
     status: int,
     comment: str = "",
+    *,
+    has_dataset: bool = False,
 ) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set, implicit VR little endian (PS3.7 9.3)."""
+    """A C-STORE-RSP, C-ECHO-RSP or C-FIND-RSP command set, implicit VR little endian
+    (PS3.7 9.3)."""
     parts = [
         command_element(0x00000002, even_uid(sop_class)),
         command_element(0x00000100, struct.pack("<H", command_field)),
         command_element(0x00000120, struct.pack("<H", message_id)),
-        command_element(0x00000800, struct.pack("<H", NO_DATASET)),
+        command_element(0x00000800, struct.pack("<H", 0x0000 if has_dataset else NO_DATASET)),
         command_element(0x00000900, struct.pack("<H", status)),
     ]
     if comment and status != 0:
@@ -286,6 +312,10 @@ class Aborted(Exception):
     def __init__(self, reason: int) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class PeerAborted(Exception):
+    """The peer sent A-ABORT while an answer was being sent."""
 
 
 @dataclass
@@ -321,6 +351,9 @@ class StoreAssociation(Generic[A]):
         self.fragment = max(peer - 6, 64)
         self._command = bytearray()
         self._message: _Message | None = None
+        # The message ID of the C-FIND being answered, and whether C-CANCEL came for it.
+        self._finding: int | None = None
+        self._cancelled = False
 
     def serve(self) -> None:
         aborted = True
@@ -330,8 +363,8 @@ class StoreAssociation(Generic[A]):
         except Aborted as exc:
             with contextlib.suppress(OSError):
                 self.sock.sendall(abort_pdu(exc.reason))
-        except (OSError, ProtocolError):
-            pass  # the connection dropped or timed out: an abort
+        except (OSError, ProtocolError, PeerAborted):
+            pass  # the connection dropped or timed out, or the peer aborted
         finally:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -402,15 +435,22 @@ class StoreAssociation(Generic[A]):
         context, _ = self.accepted[context_id]
         field_ = _us(command, 0x00000100)
         if field_ == C_CANCEL_RQ:
-            return  # nothing here runs long enough to cancel
+            # Only a C-FIND runs long enough to cancel; a late C-CANCEL is no error.
+            if self._finding is not None and _us(command, 0x00000120) == self._finding:
+                self._cancelled = True
+            return
+        if self._finding is not None:
+            raise Aborted(UNEXPECTED_PDU)  # one operation at a time (no asynchronous window)
         has_dataset = _us(command, 0x00000800) != NO_DATASET
         if field_ == C_ECHO_RQ and not has_dataset:
             status, comment = self.service.echo(self.admitted)
             self._answer(
                 context_id, C_ECHO_RSP, command, context.abstract_syntax, "", status, comment
             )
-        elif field_ == C_STORE_RQ and has_dataset:
+        elif field_ in (C_STORE_RQ, C_FIND_RQ) and has_dataset:
             self._message = _Message(context, command)
+        elif field_ == C_FIND_RQ:
+            self._find(context_id, command, b"")  # no identifier: refused as unreadable
         else:
             raise Aborted(UNEXPECTED_PDU)
 
@@ -424,6 +464,9 @@ class StoreAssociation(Generic[A]):
         self._message = None
         _, syntax = self.accepted[context_id]
         command = message.command
+        if _us(command, 0x00000100) == C_FIND_RQ:
+            self._find(context_id, command, bytes(message.dataset))
+            return
         request = StoreRequest(
             message_id=_us(command, 0x00000110),
             sop_class_uid=_uid(command, 0x00000002),
@@ -455,8 +498,13 @@ class StoreAssociation(Generic[A]):
         data = response(
             command_field, _us(command, 0x00000110), sop_class, sop_instance, status, comment
         )
+        self.sock.sendall(self._p_data_tf(context_id, data, command=True))
+
+    def _p_data_tf(self, context_id: int, data: bytes, *, command: bool) -> bytes:
+        """``data`` as P-DATA-TF PDUs of one PDV each, none longer than the peer takes."""
         pieces = [data[i : i + self.fragment] for i in range(0, len(data), self.fragment)]
-        out = b"".join(
+        kind = 1 if command else 0
+        return b"".join(
             struct.pack(
                 ">BBIIBB",
                 P_DATA_TF,
@@ -464,12 +512,62 @@ class StoreAssociation(Generic[A]):
                 len(piece) + 6,
                 len(piece) + 2,
                 context_id,
-                3 if n == len(pieces) - 1 else 1,
+                kind | (2 if n == len(pieces) - 1 else 0),
             )
             + piece
-            for n, piece in enumerate(pieces)
+            for n, piece in enumerate(pieces or [b""])
         )
+
+    def _find(self, context_id: int, command: dict[int, bytes], identifier: bytes) -> None:
+        """Answer a C-FIND: each match as the service yields it, sent in batches, while
+        listening for the caller's C-CANCEL; always a final response."""
+        context, syntax = self.accepted[context_id]
+        sop_class = context.abstract_syntax
+        message_id = _us(command, 0x00000110)
+        self._finding, self._cancelled = message_id, False
+        out = bytearray()
+        try:
+            answers = self.service.find(
+                self.admitted, sop_class, identifier, syntax, self._cancel_requested
+            )
+            pending: dict[int, bytes] = {}  # each pending status's command: the same each time
+            for status, comment, data in answers:
+                if data is None:
+                    final = response(C_FIND_RSP, message_id, sop_class, "", status, comment)
+                    out += self._p_data_tf(context_id, final, command=True)
+                    break
+                if status not in pending:
+                    head = response(C_FIND_RSP, message_id, sop_class, "", status, has_dataset=True)
+                    pending[status] = self._p_data_tf(context_id, head, command=True)
+                out += pending[status]
+                out += self._p_data_tf(context_id, data, command=False)
+                if len(out) >= SEND_BATCH:
+                    self.sock.sendall(out)
+                    out.clear()
+            else:
+                raise RuntimeError("a C-FIND ended without a final status")
+        except (Aborted, PeerAborted, OSError, ProtocolError):
+            raise
+        except Exception:
+            log.exception("a C-FIND failed")
+            failure = response(C_FIND_RSP, message_id, sop_class, "", UNABLE_TO_PROCESS, "failed")
+            out += self._p_data_tf(context_id, failure, command=True)
+        finally:
+            self._finding = None
         self.sock.sendall(out)
+
+    def _cancel_requested(self) -> bool:
+        """Whether C-CANCEL has come for the C-FIND being answered: reads what the peer
+        has sent meanwhile, without waiting."""
+        if not self._cancelled and select.select([self.sock], [], [], 0)[0]:
+            pdu_type, body = self._read_pdu()
+            if pdu_type == P_DATA_TF:
+                self._p_data(body)
+            elif pdu_type == A_ABORT:
+                raise PeerAborted()
+            else:
+                raise Aborted(UNEXPECTED_PDU)
+        return self._cancelled
 
 
 def _us(command: dict[int, bytes], tag: int) -> int:

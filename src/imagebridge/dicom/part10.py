@@ -29,6 +29,8 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from imagebridge.dicom.encode import element, padded
+
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1428.1"
 IMPLEMENTATION_VERSION_NAME = "IMAGEBRIDGE1"
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -36,34 +38,22 @@ PREAMBLE = b"\x00" * 128 + b"DICM"
 MAX_INFLATED_BYTES = 256 * 1024**2
 
 
-def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR"):
-        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _cs(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b" " if len(raw) % 2 else raw
+def _meta(tag: int, vr: str, value: bytes) -> bytes:
+    return element(tag, vr, padded(value, vr), implicit=False)
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
     body = b"".join(
         (
-            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, 0x0002, b"UI", _ui(sop_class_uid)),
-            _element(0x0002, 0x0003, b"UI", _ui(sop_instance_uid)),
-            _element(0x0002, 0x0010, b"UI", _ui(transfer_syntax_uid)),
-            _element(0x0002, 0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
-            _element(0x0002, 0x0013, b"SH", _cs(IMPLEMENTATION_VERSION_NAME)),
+            _meta(0x00020001, "OB", b"\x00\x01"),
+            _meta(0x00020002, "UI", sop_class_uid.encode("ascii")),
+            _meta(0x00020003, "UI", sop_instance_uid.encode("ascii")),
+            _meta(0x00020010, "UI", transfer_syntax_uid.encode("ascii")),
+            _meta(0x00020012, "UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _meta(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
         )
     )
-    return PREAMBLE + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
+    return PREAMBLE + _meta(0x00020000, "UL", struct.pack("<I", len(body))) + body
 
 
 class BadDataset(ValueError):

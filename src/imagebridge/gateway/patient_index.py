@@ -74,6 +74,12 @@ class IndexedMrnLookup:
             for number, answer in answers.items():
                 self._keep(number, answer, now)
 
+    def learn(self, answers: Mapping[str, dict[str, Any]]) -> None:
+        """Keep answers the hub gave with something else (a query's matches)."""
+        now = self._clock()
+        for number, answer in answers.items():
+            self._keep(number, answer, now)
+
     def _answer(self, nhs_number: str) -> dict[str, Any] | None:
         now = self._clock()
         with self._lock:

@@ -15,7 +15,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -24,10 +26,13 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 
+from imagebridge.dicom.encode import flat_dataset, keyword_entry, padded, value_bytes
 from imagebridge.dicom.net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     NODELAY_HANDLERS,
@@ -58,6 +63,7 @@ SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
 NOT_AUTHORIZED = 0x0124
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_COUNT = 0xA701  # Refused: out of resources, unable to calculate number of matches
 CANNOT_SEND = 0xA702  # Refused: out of resources, unable to perform sub-operations
@@ -73,6 +79,7 @@ ROOTS = {
     PATIENT_ROOT_GET: "PATIENT",
     STUDY_ROOT_GET: "STUDY",
 }
+FIND_CLASSES = frozenset((PATIENT_ROOT_FIND, STUDY_ROOT_FIND))
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 UNIQUE_KEYS = {
     "PATIENT": "PatientID",
@@ -85,14 +92,18 @@ MAX_MATCHES = 1000
 HUB_TIMEOUT = 120.0
 DOWNLOAD_BATCH = 16
 CANCEL_POLL_SECONDS = 0.1
+CANCEL_CHECK_EVERY = 32  # matches answered between two looks for a C-CANCEL
 Answer = tuple[int | Dataset | None, Dataset | str | None]
 
 
 class PatientLookup(Protocol):
-    """The local identity of an NHS number (reconcile's ``mrn_lookup``), and a way to learn
-    many at once (one hub request for the matches of a query, not one per patient)."""
+    """The local identity of an NHS number (reconcile's ``mrn_lookup``), and ways to learn
+    many at once: the hub's answer to a query carries those of its matches, and one hub
+    request asks for any still missing (not one request per patient)."""
 
     def __call__(self, nhs_number: str) -> Any: ...
+
+    def learn(self, answers: Mapping[str, dict[str, Any]]) -> None: ...
 
     def prefetch(self, nhs_numbers: Iterable[str]) -> None: ...
 
@@ -156,6 +167,43 @@ def read_identifier(identifier: Dataset, root: str) -> tuple[str, dict[str, str]
     return level, keys, requested
 
 
+@dataclass(frozen=True)
+class Match:
+    """One pending C-FIND answer: its level, and the values asked for, in the order asked."""
+
+    level: str
+    values: list[tuple[str, Any]]
+    unicode: bool  # some value is not ASCII: sent as UTF-8 (ISO_IR 192)
+
+    def dataset(self) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = self.level
+        for keyword, value in self.values:
+            _put(ds, keyword, value)
+        if self.unicode:
+            ds.SpecificCharacterSet = "ISO_IR 192"
+        return ds
+
+    def encoded(self, implicit: bool) -> bytes:
+        """The same dataset as ``dataset`` gives, encoded here (little endian)."""
+        encoding = "utf-8" if self.unicode else "ascii"
+        elements = [(0x00080052, "CS", padded(self.level.encode("ascii"), "CS"))]
+        if self.unicode:
+            elements.append((0x00080005, "CS", b"ISO_IR 192"))
+        for keyword, value in self.values:
+            entry = keyword_entry(keyword)
+            if entry is not None:
+                tag, vr = entry
+                elements.append((tag, vr, value_bytes(vr, _text(value), encoding)))
+        return flat_dataset(elements, implicit=implicit)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        return "\\".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
 def _put(ds: Dataset, keyword: str, value: Any) -> None:
     tag = tag_for_keyword(keyword)
     if tag is None:
@@ -164,9 +212,7 @@ def _put(ds: Dataset, keyword: str, value: Any) -> None:
     if vr == "SQ":
         ds.add_new(tag, vr, Sequence())
         return
-    if isinstance(value, list):
-        value = "\\".join(str(v) for v in value)
-    text = "" if value is None else str(value)
+    text = _text(value)
     try:
         ds.add_new(tag, vr, text.split("\\") if "\\" in text else (text or None))
     except (ValueError, TypeError, OverflowError):
@@ -190,6 +236,7 @@ class QueryRetrieveSCP:
         self.caller = caller
         self.mrn_lookup = mrn_lookup
         self.destinations = {d.ae_title: d for d in settings.move_destinations}
+        self.find_classes = FIND_CLASSES
         self.work = settings.data_dir / "retrieve"
         # Local MRN -> NHS number: a workstation asks by its own patient ID.
         self._nhs_of = {mrn: nhs for nhs, mrn in settings.reconciliation.mrn_map.items()}
@@ -219,23 +266,64 @@ class QueryRetrieveSCP:
     # -- C-FIND -----------------------------------------------------------------------------
 
     def on_find(self, event: evt.Event) -> Iterator[Answer]:
-        sop_class = str(event.request.AffectedSOPClassUID)
-        caller = self.caller(event.assoc)
+        """pynetdicom's C-FIND (an association that also asks for C-MOVE or C-GET)."""
+        answers = self.find(
+            self.caller(event.assoc),
+            str(event.request.AffectedSOPClassUID),
+            lambda: event.identifier,
+            lambda: bool(event.is_cancelled),
+        )
+        for code, comment, match in answers:
+            if match is not None:
+                yield PENDING, match.dataset()
+            else:
+                yield (status(code, comment) if comment else code), None
+
+    def find_encoded(
+        self,
+        caller: Caller,
+        sop_class: str,
+        identifier: bytes,
+        transfer_syntax: str,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, str, bytes | None]]:
+        """Our acceptor's C-FIND: the identifier as received, the answers encoded."""
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        if transfer_syntax not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+            raise ValueError(f"{transfer_syntax} is not little endian")
+
+        def decoded() -> Dataset:
+            return decode(BytesIO(identifier), implicit, True)
+
+        for code, comment, match in self.find(caller, sop_class, decoded, cancelled):
+            yield code, comment, None if match is None else match.encoded(implicit)
+
+    def find(
+        self,
+        caller: Caller | None,
+        sop_class: str,
+        identifier: Callable[[], Dataset],
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, str, Match | None]]:
+        """A C-FIND's answers, whichever acceptor took it: a match for each pending answer,
+        then (status, comment, None) once."""
         refusal = self._permission(caller, "find", "dicom:query:refused", sop_class)
         if refusal is not None or caller is None:
-            yield refusal or status(NOT_AUTHORIZED), None
+            code, reason = refusal or (NOT_AUTHORIZED, "")
+            yield code, reason, None
+            return
+        if sop_class not in FIND_CLASSES:
+            reason = "not a C-FIND SOP class"
+            yield self._query_refused(caller, SOP_CLASS_NOT_SUPPORTED, reason, sop_class)
             return
         try:
-            level, keys, requested = read_identifier(event.identifier, ROOTS[sop_class])
+            level, keys, requested = read_identifier(identifier(), ROOTS[sop_class])
         except IdentifierError as exc:
-            yield self._refuse(caller, "dicom:query:refused", exc.status, str(exc), sop_class), None
+            yield self._query_refused(caller, exc.status, str(exc), sop_class)
             return
         except Exception as exc:  # an identifier that cannot be decoded
             reason = f"unreadable identifier: {type(exc).__name__}"
-            yield (
-                self._refuse(caller, "dicom:query:refused", UNABLE_TO_PROCESS, reason, sop_class),
-                None,
-            )
+            yield self._query_refused(caller, UNABLE_TO_PROCESS, reason, sop_class)
             return
         query = {
             "level": level,
@@ -245,14 +333,14 @@ class QueryRetrieveSCP:
             "calling_ae_title": caller.calling_ae_title,
         }
         try:
-            answer = self._ask(event, lambda hub: hub.find(query, HUB_TIMEOUT))
+            answer = self._ask(cancelled, lambda hub: hub.find(query, HUB_TIMEOUT))
         except _Cancelled:
             self._audit_query(caller, sop_class, level, keys, [], cancelled=True)
-            yield CANCEL, None
+            yield CANCEL, "", None
             return
         except (HubError, HubUnavailable) as exc:
             code, reason = _failure(exc, unavailable=OUT_OF_RESOURCES)
-            yield self._refuse(caller, "dicom:query:refused", code, reason, sop_class), None
+            yield self._query_refused(caller, code, reason, sop_class)
             return
         foreign = {
             str(m["_nhs_number"])
@@ -260,14 +348,15 @@ class QueryRetrieveSCP:
             if m.get("_nhs_number") and str(m.get("_institution", "")) != self._me()
         }
         if foreign:
+            self.mrn_lookup.learn(answer.get("local_ids") or {})
             self.mrn_lookup.prefetch(foreign)
         sent: list[dict[str, Any]] = []
         patients: set[tuple[str, str]] = set()
-        cancelled = False
+        was_cancelled = False
         try:
-            for match in answer["matches"]:
-                if event.is_cancelled:
-                    cancelled = True
+            for n, match in enumerate(answer["matches"]):
+                if n % CANCEL_CHECK_EVERY == 0 and cancelled():
+                    was_cancelled = True
                     break
                 local = self._local_identity(match)
                 if local is None:
@@ -279,28 +368,25 @@ class QueryRetrieveSCP:
                         continue
                     patients.add(patient)
                 sent.append(local)
-                yield PENDING, self._response(local, level, requested)
+                yield PENDING, "", self._response(local, level, requested)
         finally:
-            self._audit_query(caller, sop_class, level, keys, sent, cancelled=cancelled)
-        yield (CANCEL if cancelled else SUCCESS), None
+            self._audit_query(caller, sop_class, level, keys, sent, cancelled=was_cancelled)
+        yield (CANCEL if was_cancelled else SUCCESS), "", None
 
-    def _response(self, match: dict[str, Any], level: str, requested: list[str]) -> Dataset:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = level
+    def _response(self, match: dict[str, Any], level: str, requested: list[str]) -> Match:
         depth = LEVELS.index(level)
         # The unique keys of this level and those above come back even when not asked.
         unique = [UNIQUE_KEYS[n] for n in LEVELS[1 : depth + 1]]
+        values: list[tuple[str, Any]] = []
         for keyword in dict.fromkeys([*requested, *unique]):
             value = match.get(keyword, "")
             if keyword == "RetrieveAETitle":
                 value = self.settings.ae_title
             elif keyword == "InstanceAvailability":
                 value = "ONLINE" if match.get("_source") == "hub" else "NEARLINE"
-            _put(ds, keyword, value)
-        texts = [str(v) for k, v in match.items() if not k.startswith("_")]
-        if not all(t.isascii() for t in texts):
-            ds.SpecificCharacterSet = "ISO_IR 192"
-        return ds
+            values.append((keyword, value))
+        unicode = not all(_text(v).isascii() for _, v in values)
+        return Match(level, values, unicode=unicode)
 
     # -- C-MOVE and C-GET -------------------------------------------------------------------
 
@@ -347,7 +433,7 @@ class QueryRetrieveSCP:
         refusal = self._permission(caller, service, "dicom:retrieve:refused", sop_class)
         if refusal is not None or caller is None:
             yield 1
-            yield refusal or status(NOT_AUTHORIZED), None
+            yield status(*(refusal or (NOT_AUTHORIZED, ""))), None
             return
         try:
             level, keys, _ = read_identifier(event.identifier, ROOTS[sop_class])
@@ -359,7 +445,10 @@ class QueryRetrieveSCP:
         except Exception as exc:
             code, reason = _failure(exc)
             yield 1
-            yield self._refuse(caller, "dicom:retrieve:refused", code, reason, sop_class), None
+            yield (
+                status(*self._refuse(caller, "dicom:retrieve:refused", code, reason, sop_class)),
+                None,
+            )
             return
         if arguments is not None and instances:
             arguments["contexts"] = _contexts(instances)
@@ -383,7 +472,9 @@ class QueryRetrieveSCP:
             "calling_ae_title": caller.calling_ae_title,
             "destination": destination,
         }
-        answer = self._ask(event, lambda hub: hub.retrieve(request, HUB_TIMEOUT))
+        answer = self._ask(
+            lambda: bool(event.is_cancelled), lambda hub: hub.retrieve(request, HUB_TIMEOUT)
+        )
         task = answer.get("fetch")
         if answer["instances"] or not task:
             instances: list[dict[str, Any]] = answer["instances"]
@@ -394,14 +485,16 @@ class QueryRetrieveSCP:
             return hub.fetch_state(task, max(0.0, min(20.0, deadline - time.monotonic())))
 
         while True:
-            state = self._ask(event, follow)
+            state = self._ask(lambda: bool(event.is_cancelled), follow)
             if state["status"] == "done":
                 break
             if state["status"] in ("failed", "expired"):
                 raise _Failed(UNABLE_TO_PROCESS, f"the source PACS did not send: {state['error']}")
             if time.monotonic() >= deadline:
                 raise _Failed(CANNOT_COUNT, "the source PACS did not send in time")
-        answer = self._ask(event, lambda hub: hub.retrieve(request, HUB_TIMEOUT))
+        answer = self._ask(
+            lambda: bool(event.is_cancelled), lambda hub: hub.retrieve(request, HUB_TIMEOUT)
+        )
         fetched: list[dict[str, Any]] = answer["instances"]
         return fetched
 
@@ -532,7 +625,7 @@ class QueryRetrieveSCP:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _ask(self, event: evt.Event, call: Callable[[HubClient], T]) -> T:
+    def _ask(self, cancelled: Callable[[], bool], call: Callable[[HubClient], T]) -> T:
         """Call the hub, listening for the caller's C-CANCEL meanwhile."""
 
         def run() -> T:
@@ -548,23 +641,28 @@ class QueryRetrieveSCP:
             try:
                 return future.result(timeout=CANCEL_POLL_SECONDS)
             except concurrent.futures.TimeoutError:
-                if event.is_cancelled:
+                if cancelled():
                     future.cancel()
                     raise _Cancelled() from None
 
     def _permission(
         self, caller: Caller | None, permission: str, action: str, sop_class: str
-    ) -> Dataset | None:
+    ) -> tuple[int, str] | None:
         if caller is None:
-            return status(NOT_AUTHORIZED, "association not accepted")
+            return NOT_AUTHORIZED, "association not accepted"
         if permission not in caller.permissions:
             reason = f"C-{permission.upper()} not permitted"
             return self._refuse(caller, action, NOT_AUTHORIZED, reason, sop_class)
         return None
 
+    def _query_refused(
+        self, caller: Caller, code: int, reason: str, sop_class: str
+    ) -> tuple[int, str, None]:
+        return *self._refuse(caller, "dicom:query:refused", code, reason, sop_class), None
+
     def _refuse(
         self, caller: Caller | None, action: str, code: int, reason: str, sop_class: str
-    ) -> Dataset:
+    ) -> tuple[int, str]:
         log.warning("query/retrieve refused (0x%04X): %s", code, reason)
         self.journal.write(
             action,
@@ -575,7 +673,7 @@ class QueryRetrieveSCP:
             status=f"0x{code:04X}",
             reason=reason,
         )
-        return status(code, reason)
+        return code, reason
 
     def _audit_query(
         self,

@@ -1,4 +1,5 @@
-"""The gateway's DICOM edge: C-ECHO and C-STORE from the local PACS and modalities.
+"""The gateway's DICOM edge: C-ECHO and C-STORE from the local PACS and modalities, and
+the port its query/retrieve services share.
 
 Handlers are thin: they check who is calling and where to, then hand the received bytes
 to the spool. A C-STORE is answered with success only after the instance is durable.
@@ -12,9 +13,9 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -81,6 +82,22 @@ class _AssociationState:
     out_of_resources: bool = False  # some C-STORE was refused with A700: it will come again
 
 
+class Finder(Protocol):
+    """The C-FIND service our acceptor answers with (``gateway/qrscp.py``)."""
+
+    @property
+    def find_classes(self) -> Collection[str]: ...
+
+    def find_encoded(
+        self,
+        caller: _AssociationState,
+        sop_class: str,
+        identifier: bytes,
+        transfer_syntax: str,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, str, bytes | None]]: ...
+
+
 def _status(answer: tuple[int, str]) -> int | Dataset:
     """A handler's answer as pynetdicom takes it."""
     code, comment = answer
@@ -95,11 +112,12 @@ def _status(answer: tuple[int, str]) -> int | Dataset:
 class StorageSCP:
     """C-ECHO and C-STORE on the gateway's port, with pynetdicom's AE beside them.
 
-    A plain association that asks only for storage and verification is served by our own
-    acceptor (``dicom/acceptor.py``): that is every PACS sending a study, and the CPU a
-    C-STORE costs there is a fraction of pynetdicom's. Everything else (query/retrieve on
-    the same port, DICOM TLS, anything out of the ordinary) is handed to pynetdicom with
-    its request unread. Both apply the same checks, through the same methods below.
+    A plain association that asks only for storage, verification and C-FIND is served by
+    our own acceptor (``dicom/acceptor.py``): that is every PACS sending a study and every
+    workstation searching, and the CPU a C-STORE or a C-FIND match costs there is a
+    fraction of pynetdicom's. Everything else (C-MOVE and C-GET on the same port, DICOM
+    TLS, anything out of the ordinary) is handed to pynetdicom with its request unread.
+    Both apply the same checks, through the same methods below.
     """
 
     def __init__(
@@ -118,6 +136,8 @@ class StorageSCP:
         self.fetches = fetches or MoveInbox()
         # Handlers of further services on the same AE (query/retrieve), added before start.
         self.services: list[evt.EventHandlerType] = []
+        # C-FIND as our acceptor answers it, when query/retrieve is served.
+        self.finder: Finder | None = None
         self.ae = storage_scp_ae(settings.ae_title, settings.max_pdu)
         self.ae.maximum_associations = settings.max_associations
         # Any called AE title may arrive: each names a destination, checked on request.
@@ -144,12 +164,14 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_end),
             *self.services,
         ]
-        # What the AE supports, services added: ours serves storage and verification.
+        # What the AE supports, services added: ours serves storage, verification and C-FIND.
         self._syntaxes = {
             str(cx.abstract_syntax): [str(ts) for ts in cx.transfer_syntax]
             for cx in self.ae.supported_contexts
         }
         ours = set(STORAGE_SOP_CLASSES) | {VERIFICATION}
+        if self.finder is not None:
+            ours |= set(self.finder.find_classes)
         self._others = frozenset(self._syntaxes) - ours
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.port),
@@ -324,6 +346,18 @@ class StorageSCP:
             )
         state.studies[(header.text("PatientID"), header.study_instance_uid)] += 1
         return SUCCESS, ""
+
+    def find(
+        self,
+        state: _AssociationState,
+        sop_class: str,
+        identifier: bytes,
+        transfer_syntax: str,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, str, bytes | None]]:
+        if self.finder is None:  # not negotiated without one
+            return iter([(NOT_AUTHORIZED, "C-FIND not served here", None)])
+        return self.finder.find_encoded(state, sop_class, identifier, transfer_syntax, cancelled)
 
     def _refuse(
         self, state: _AssociationState, code: int, reason: str, patient: str, study: str

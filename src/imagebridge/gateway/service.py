@@ -61,6 +61,7 @@ class Gateway:
             settings, client, self.routing, self.journal, self.scp.caller, lookup
         )
         self.scp.services += self.qr.attach(self.scp.ae)
+        self.scp.finder = self.qr
         self.tasks = TaskWorker(settings, client, self.journal, fetches, lookup)
         self._stop = threading.Event()
         self._refresher = threading.Thread(target=self._refresh_loop, name="routes", daemon=True)

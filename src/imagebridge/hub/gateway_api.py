@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -241,7 +240,7 @@ def local_patient_id(body: LocalIdQuery, actor: GatewayActor, hub: HubDep) -> di
     with hub.sessions() as session, session.begin():
         found = patient_index.local_id(session, actor.institution_id, nhs_number)
         _audit_lookup(session, actor, nhs_number, found)
-    return asdict(found)
+    return found.as_json()
 
 
 class LocalIdsQuery(BaseModel):
@@ -252,7 +251,8 @@ class LocalIdsQuery(BaseModel):
 def local_patient_ids(body: LocalIdsQuery, actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
     """The answer of ``/gateway/patients/local-id`` for each of many NHS numbers at once,
     keyed by the number as normalised: the matches of one C-FIND name many patients, and
-    a request each would cost more than the query. Each lookup is audited as one alone."""
+    a request each would cost more than the query. The batch is audited as one lookup
+    naming every number, as ATNA audits a query."""
     numbers = {n: normalise_nhs_number(n) for n in body.nhs_numbers}
     invalid = [n for n, normal in numbers.items() if normal is None]
     if invalid:
@@ -260,13 +260,13 @@ def local_patient_ids(body: LocalIdsQuery, actor: GatewayActor, hub: HubDep) -> 
             422, f"{len(invalid)} not valid NHS numbers (10 digits with a mod-11 check digit)"
         )
     assert actor.institution_id is not None
-    answers: dict[str, Any] = {}
+    asked = sorted({n for n in numbers.values() if n is not None})
+    if not asked:
+        return {"answers": {}}  # nothing looked up, nothing to audit
     with hub.sessions() as session, session.begin():
-        for nhs_number in sorted({n for n in numbers.values() if n is not None}):
-            found = patient_index.local_id(session, actor.institution_id, nhs_number)
-            _audit_lookup(session, actor, nhs_number, found)
-            answers[nhs_number] = asdict(found)
-    return {"answers": answers}
+        found = patient_index.local_ids(session, actor.institution_id, asked)
+        audit_lookups(session, actor, found)
+    return {"answers": {n: found[n].as_json() for n in asked}}
 
 
 def _audit_lookup(
@@ -279,6 +279,25 @@ def _audit_lookup(
         patient_ref=nhs_number,
         detail={"operation": "local-id", "found": found.patient_id is not None}
         | ({"conflict": found.conflict} if found.conflict else {}),
+        **actor.audit(),
+    )
+
+
+def audit_lookups(session: Session, actor: Actor, found: dict[str, patient_index.LocalId]) -> None:
+    """Many local-ID lookups as one event naming every number (a query's, here or in
+    ``/gateway/find``'s answer)."""
+    asked = sorted(found)
+    record(
+        session,
+        "patient:identity:lookup",
+        institution_id=actor.institution_id,
+        patient_ref=asked[0] if len(asked) == 1 else "",
+        detail={
+            "operation": "local-ids",
+            "nhs_numbers": asked,
+            "found": sum(1 for f in found.values() if f.patient_id is not None),
+            "conflicts": {n: f.conflict for n, f in sorted(found.items()) if f.conflict},
+        },
         **actor.audit(),
     )
 

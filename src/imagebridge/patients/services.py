@@ -9,10 +9,10 @@ gives neither to a delivery.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Select, false, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -42,6 +42,8 @@ from imagebridge.patients.models import (
 
 PI = PatientIdentifier
 _COMPARED = (("birth_date", "birth date"), ("sex", "sex"))
+# Values per IN list: within SQLite's oldest limit of bound parameters (999) as well.
+IN_CHUNK = 500
 
 
 # -- maintaining the index ------------------------------------------------------------------
@@ -401,31 +403,111 @@ class LocalId:
     sex: str = ""
     conflict: str = ""
 
+    def as_json(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: its deep copies cost more than the lookups of a batch.
+        return dict(vars(self))
+
 
 def local_id(session: Session, institution_id: int, nhs_number: str) -> LocalId:
-    rows = session.scalars(
-        select(PI)
-        .join(Person, Person.id == PI.person_id)
-        .where(PI.institution_id == institution_id, Person.nhs_number == nhs_number)
-        .order_by(PI.updated_at.desc(), PI.id)
-    ).all()
+    """The institution's local ID for an NHS number, or why it has none to file under."""
+    return local_ids(session, institution_id, [nhs_number])[nhs_number]
+
+
+def local_ids(
+    session: Session, institution_id: int, nhs_numbers: Collection[str]
+) -> dict[str, LocalId]:
+    """``local_id`` for each of many NHS numbers in two queries (per IN_CHUNK numbers),
+    not two each: the matches of one C-FIND name hundreds of patients."""
+    held = _held_rows(session, institution_id, nhs_numbers)
+    local = {(r.issuer, r.value) for rows in held.values() for r in rows}
+    named = _persons_named(session, institution_id, local)
+    return {n: _decide(held.get(n, []), named) for n in nhs_numbers}
+
+
+class _Held(NamedTuple):
+    """What the decision needs of one identifier row."""
+
+    person_id: int
+    issuer: str
+    value: str
+    source: str
+    birth_date: str
+    sex: str
+
+
+def _held_rows(
+    session: Session, institution_id: int, nhs_numbers: Collection[str]
+) -> dict[str, list[_Held]]:
+    """The institution's identifier rows of each NHS number, most recently updated first."""
+    held: dict[str, list[_Held]] = {}
+    for chunk in _chunks(set(nhs_numbers)):
+        rows = session.execute(
+            select(
+                Person.nhs_number,
+                PI.person_id,
+                PI.issuer,
+                PI.value,
+                PI.source,
+                PI.birth_date,
+                PI.sex,
+            )
+            .join(Person, Person.id == PI.person_id)
+            .where(PI.institution_id == institution_id, Person.nhs_number.in_(chunk))
+            .order_by(PI.updated_at.desc(), PI.id)
+        )
+        for row in rows:
+            held.setdefault(row[0], []).append(_Held._make(row[1:]))
+    return held
+
+
+# By (issuer, value): for each source, the lowest and highest person id it names.
+_Named = dict[tuple[str, str], list[tuple[str, int, int]]]
+
+
+def _persons_named(session: Session, institution_id: int, local: set[tuple[str, str]]) -> _Named:
+    """The persons that the institution's local IDs (issuer, value) name, by source, as the
+    lowest and highest person id: enough to tell whether an ID names anyone besides one
+    person, in one row however many a placeholder ID such as "UNKNOWN" names."""
+    issuers = {issuer for issuer, _ in local}
+    named: _Named = {}
+    for chunk in _chunks({value for _, value in local}):
+        # Issuer and value both, so that the (issuer, value) index serves.
+        rows = session.execute(
+            select(PI.issuer, PI.value, PI.source, func.min(PI.person_id), func.max(PI.person_id))
+            .where(PI.institution_id == institution_id, PI.issuer.in_(issuers), PI.value.in_(chunk))
+            .group_by(PI.issuer, PI.value, PI.source)
+        )
+        for issuer, value, source, lowest, highest in rows:
+            if (issuer, value) in local:
+                named.setdefault((issuer, value), []).append((source, lowest, highest))
+    return named
+
+
+def _chunks(values: set[str]) -> Iterator[list[str]]:
+    ordered = sorted(values)
+    for start in range(0, len(ordered), IN_CHUNK):
+        yield ordered[start : start + IN_CHUNK]
+
+
+def _decide(rows: list[_Held], named: _Named) -> LocalId:
+    """The answer for one NHS number from its rows (newest first) and the persons that the
+    institution's local IDs name."""
     if not rows:
         return LocalId()
     # What the institution registered settles which ID it files under; else what it sent.
-    pool = [r for r in rows if r.source == REGISTERED] or list(rows)
+    pool = [r for r in rows if r.source == REGISTERED] or rows
     ids = {(r.issuer, r.value) for r in pool}
     if len(ids) > 1:
         return LocalId(conflict=f"{len(ids)} local identifiers for one NHS number")
     ((issuer, value),) = ids
-    elsewhere = select(PI.id).where(
-        PI.institution_id == institution_id,
-        PI.issuer == issuer,
-        PI.value == value,
-        PI.person_id != pool[0].person_id,
-    )
-    if pool[0].source == REGISTERED:
-        elsewhere = elsewhere.where(PI.source == REGISTERED)
-    if session.scalar(elsewhere.limit(1)) is not None:
+    # As above, a registration outranks what studies said: only another one contradicts it.
+    registered = pool[0].source == REGISTERED
+    person = pool[0].person_id
+    if any(
+        (lowest, highest) != (person, person)
+        for source, lowest, highest in named.get((issuer, value), [])
+        if source == REGISTERED or not registered
+    ):
         return LocalId(conflict="the local identifier is linked to another NHS number too")
     for field, label in _COMPARED:
         if len({getattr(r, field) for r in pool} - {""}) > 1:

@@ -23,12 +23,14 @@ from imagebridge.actors import Actor
 from imagebridge.agreements.services import exchange_refusal
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, Sender, get_hub, require
-from imagebridge.hub.gateway_api import Digests, framed_blobs
+from imagebridge.hub.gateway_api import Digests, audit_lookups, framed_blobs
 from imagebridge.hub.inbox import TASKS
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import MAX_LIMIT, QueryError
 from imagebridge.institutions.models import Gateway, Institution
 from imagebridge.institutions.services import get_institution
+from imagebridge.nhs import normalise_nhs_number
+from imagebridge.patients import services as patient_index
 from imagebridge.queries import services
 from imagebridge.queries.models import FINISHED, GatewayTask, TaskKind, TaskStatus
 from imagebridge.transfers.models import Transfer, TransferStatus
@@ -164,7 +166,7 @@ def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
     refused: QueryError | None = None
     with hub.sessions() as session, session.begin():
         try:
-            matching = services.validate(session, body.level, body.keys)
+            matching = services.validate(body.level, body.keys)
             scope, sources = services.network_scope(session, actor.institution_id, matching)
             found = services.hub_matches(session, body.level, matching, scope, body.limit)
         except QueryError as exc:
@@ -205,7 +207,33 @@ def _finish_find(hub: Hub, actor: Actor, body: QueryIn, started: _Started) -> di
             from_pacs={code: len(m) for code, m in answered.items()},
             unanswered=unanswered,
         )
-    return {"matches": matches, "answered": sorted(answered), "unanswered": unanswered}
+        local_ids = _local_ids_of(session, actor, matches)
+    return {
+        "matches": matches,
+        "answered": sorted(answered),
+        "unanswered": unanswered,
+        "local_ids": local_ids,
+    }
+
+
+def _local_ids_of(session: Session, actor: Actor, matches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The asking institution's local IDs of the other institutions' patients among the
+    matches, as ``/gateway/patients/local-ids`` answers: the gateway shows each match under
+    the identity delivery would give it, and would otherwise ask for them straight after."""
+    assert actor.institution_id is not None
+    me = session.get(Institution, actor.institution_id)
+    own = me.code if me else ""
+    numbers = {
+        normalise_nhs_number(str(m.get("_nhs_number") or ""))
+        for m in matches
+        if m.get("_nhs_number") and m.get("_institution") != own
+    }
+    asked = sorted(n for n in numbers if n is not None)
+    if not asked:
+        return {}
+    found = patient_index.local_ids(session, actor.institution_id, asked)
+    audit_lookups(session, actor, found)
+    return {n: found[n].as_json() for n in asked}
 
 
 @router.post("/gateway/find")
@@ -537,7 +565,7 @@ def _start_pacs_find(hub: Hub, actor: Actor, body: PacsFindIn) -> tuple[int, str
     with hub.sessions() as session, session.begin():
         home = _home(session, actor, body.institution)
         try:
-            matching = services.validate(session, body.level, body.keys)
+            matching = services.validate(body.level, body.keys)
         except QueryError as exc:
             raise _bad_query(exc) from exc
         request = {"level": body.level, "keys": matching, "limit": body.limit}

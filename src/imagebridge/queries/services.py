@@ -26,6 +26,7 @@ from imagebridge.index.query import (
     MAX_LIMIT,
     MODALITIES_IN_STUDY,
     QueryError,
+    check,
     find,
 )
 from imagebridge.index.visibility import Scope, discoverable_by
@@ -100,10 +101,10 @@ def matching_keys(level: str, keys: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def validate(session: Session, level: str, keys: dict[str, str]) -> dict[str, str]:
+def validate(level: str, keys: dict[str, str]) -> dict[str, str]:
     """The matching keys, or QueryError with the reason the standard would give."""
     matching = matching_keys(level, keys)
-    find(session, level, matching, Scope(frozenset(), None), limit=1)
+    check(level, matching)
     return matching
 
 
