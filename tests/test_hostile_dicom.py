@@ -1,9 +1,9 @@
 """Hostile DICOM at a real gateway, over a plain socket: malformed PDUs and DIMSE messages,
-damaged datasets, and lengths that declare gigabytes.
+damaged datasets and query identifiers, and lengths that declare gigabytes.
 
-Each is refused in DICOM's own terms (A-ASSOCIATE-RJ, A-ABORT, or a C-STORE failure status
-with its reason, audited); the gateway serves on, its memory stays bounded, and what it
-acknowledged reaches the hub whole.
+Each is refused in DICOM's own terms (A-ASSOCIATE-RJ, A-ABORT, or a C-STORE or C-FIND
+failure status with its reason, audited); the gateway serves on, its memory stays bounded,
+and what it acknowledged reaches the hub whole.
 """
 
 from __future__ import annotations
@@ -26,9 +26,25 @@ from fuzz.datasets import SYNTAX_CONTEXTS, Instance, damaged, deflate_bomb, elem
 from fuzz.figures import budget, input_path
 from imagebridge.demo.network import GatewayProcess, Network
 from imagebridge.demo.synthetic import generate_ct_study
-from imagebridge.dicom.part10 import file_meta, read_meta
+from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID, file_meta, read_meta
+from imagebridge.dicom.ul import associate_rq
 
 CALLING = "PACS_SEG"
+FINDER = "WS_SEG"  # a workstation that may query
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve - FIND
+# A sound C-FIND identifier, implicit VR little endian: STUDY level, patient ID "P*",
+# study date and instance UID asked for.
+QUERY = b"".join(
+    struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+    for tag, value in (
+        (0x00080020, b""),
+        (0x00080052, b"STUDY "),
+        (0x00100020, b"P*"),
+        (0x0020000D, b""),
+    )
+)
+# C-FIND statuses (PS3.4 C.4.1.1.4): success, pending, cancel, and the refusals.
+FIND_ENDS = {0x0000, 0xFE00, 0xA700, 0xA900, 0xC000, 0x0122, 0x0124}
 ROUTE = "IB_RVH"
 # C-STORE statuses the gateway may answer with (PS3.4 B.2.3); anything else, 0xC2xx above
 # all, is pynetdicom answering for a handler of ours that failed.
@@ -47,7 +63,12 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
         network.add_institution("SEG", "St Elsewhere General Hospital")
         network.add_institution("RVH", "Riverside Hospital")
         network.start_gateway(
-            "SEG", calling_aes=[{"ae_title": CALLING, "host": "127.0.0.1"}], study_stable_seconds=1
+            "SEG",
+            calling_aes=[
+                {"ae_title": CALLING, "host": "127.0.0.1"},
+                {"ae_title": FINDER, "host": "127.0.0.1", "permissions": ["echo", "find"]},
+            ],
+            study_stable_seconds=1,
         )
         yield network
     finally:
@@ -154,6 +175,40 @@ def test_malformed_dimse_messages_are_refused(
     # Whatever it answered, no DIMSE response says a handler of ours failed.
     assert not [s for s in exchange.statuses() if 0xC100 <= s <= 0xC2FF], exchange.statuses()
     assert exchange.closed_by_peer, "the gateway kept a broken association open"
+    assert_serving(gateway, baseline)
+
+
+@budget(40)
+@given(data=st.data())
+@input_path("DICOM: C-FIND identifiers")
+def test_damaged_query_identifiers_get_a_c_find_status(
+    gateway: GatewayProcess, baseline: dict[str, float], data: st.DataObject
+) -> None:
+    """Our acceptor's C-FIND: an identifier that cannot be read, or asks what cannot be
+    asked, ends with a failure status and its reason; one that survived its damage is
+    answered; either way the association goes on."""
+    identifier = data.draw(st.one_of(dimse.mutated_bytes(QUERY), st.binary(max_size=256)))
+    peer = dimse.Peer(gateway.port)
+    peer.send(associate_rq(gateway.ae_title, FINDER, [(1, FIND, [dimse.IMPLICIT_LE])], 1 << 16))
+    answer = peer.read_pdu()
+    assert answer is not None and answer[0] == dimse.A_ASSOCIATE_AC
+    assert IMPLEMENTATION_CLASS_UID.encode() in answer[1]  # ours, not pynetdicom's
+    peer.send(dimse.p_data(dimse.pdv(1, dimse.c_find_rq(FIND, 7), 3)))
+    peer.send(dimse.p_data(dimse.pdv(1, identifier, 2)))
+    exchange = dimse.Exchange()
+    while True:
+        pdu = peer.read_pdu()
+        assert pdu is not None and pdu[0] == dimse.P_DATA_TF, "no final C-FIND response"
+        exchange.pdus.append(pdu)
+        statuses = exchange.statuses()
+        if statuses and statuses[-1] not in (0xFF00, 0xFF01):
+            break
+    final = statuses[-1]
+    assert final in FIND_ENDS, f"status 0x{final:04X}"
+    if final != 0x0000:
+        assert exchange.comments()[-1], "a refusal without its reason"
+    peer.send(dimse.release_rq())
+    assert peer.finish().types() == [dimse.A_RELEASE_RP]
     assert_serving(gateway, baseline)
 
 

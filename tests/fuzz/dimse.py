@@ -75,6 +75,20 @@ def c_echo_rq(message_id: int = 1) -> bytes:
     return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
+def c_find_rq(sop_class_uid: str, message_id: int = 1) -> bytes:
+    uid = sop_class_uid.encode() + b"\x00" * (len(sop_class_uid) % 2)
+    body = b"".join(
+        (
+            _element(0x00000002, uid),
+            _element(0x00000100, struct.pack("<H", 0x0020)),
+            _element(0x00000110, struct.pack("<H", message_id)),
+            _element(0x00000700, struct.pack("<H", 0)),  # medium priority
+            _element(0x00000800, struct.pack("<H", 0x0000)),  # an identifier follows
+        )
+    )
+    return _element(0x00000000, struct.pack("<I", len(body))) + body
+
+
 def store_command(sop_instance_uid: str, message_id: int = 1) -> bytes:
     return c_store_rq(message_id, CT_IMAGE_STORAGE, sop_instance_uid, 0)
 
