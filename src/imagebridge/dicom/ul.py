@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from imagebridge.dicom.encode import element, padded
 from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -109,12 +110,12 @@ def parse_associate_ac(body: bytes, proposed: dict[int, str]) -> Accepted:
 
 
 def command_element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+    """A command set's element: always implicit VR little endian (PS3.7 6.3.1)."""
+    return element(tag, "", value, implicit=True)
 
 
 def even_uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
+    return padded(uid.encode("ascii"), "UI")
 
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str, priority: int) -> bytes:
