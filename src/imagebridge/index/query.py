@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from imagebridge.db import one_of
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.index.visibility import Scope
 from imagebridge.institutions.models import Institution
@@ -262,7 +263,9 @@ def _add_study_counts(session: Session, items: list[dict[str, Any]]) -> None:
     instances = select(func.count()).where(Instance.series_id == Series.id).scalar_subquery()
     series: dict[int, list[tuple[str, int]]] = {}
     for study_id, modality, count in session.execute(
-        select(Series.study_id, Series.modality, instances).where(Series.study_id.in_(ids))
+        select(Series.study_id, Series.modality, instances).where(
+            one_of(session, Series.study_id, ids)
+        )
     ):
         series.setdefault(study_id, []).append((modality, count))
     for item in items:
@@ -280,7 +283,7 @@ def _add_series_counts(session: Session, items: list[dict[str, Any]]) -> None:
         series_id: count
         for series_id, count in session.execute(
             select(Instance.series_id, func.count(Instance.id))
-            .where(Instance.series_id.in_(ids))
+            .where(one_of(session, Instance.series_id, ids))
             .group_by(Instance.series_id)
         )
     }

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from imagebridge.audit.services import record
-from imagebridge.db import utcnow
+from imagebridge.db import one_of, utcnow
 from imagebridge.index.models import Patient, Study
 from imagebridge.index.visibility import Scope
 from imagebridge.institutions.models import Institution
@@ -452,7 +452,7 @@ def _held_rows(
                 PI.sex,
             )
             .join(Person, Person.id == PI.person_id)
-            .where(PI.institution_id == institution_id, Person.nhs_number.in_(chunk))
+            .where(PI.institution_id == institution_id, one_of(session, Person.nhs_number, chunk))
             .order_by(PI.updated_at.desc(), PI.id)
         )
         for row in rows:
@@ -474,7 +474,11 @@ def _persons_named(session: Session, institution_id: int, local: set[tuple[str, 
         # Issuer and value both, so that the (issuer, value) index serves.
         rows = session.execute(
             select(PI.issuer, PI.value, PI.source, func.min(PI.person_id), func.max(PI.person_id))
-            .where(PI.institution_id == institution_id, PI.issuer.in_(issuers), PI.value.in_(chunk))
+            .where(
+                PI.institution_id == institution_id,
+                PI.issuer.in_(issuers),
+                one_of(session, PI.value, chunk),
+            )
             .group_by(PI.issuer, PI.value, PI.source)
         )
         for issuer, value, source, lowest, highest in rows:

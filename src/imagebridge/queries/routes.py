@@ -29,7 +29,7 @@ from imagebridge.hub.state import Hub
 from imagebridge.index.query import MAX_LIMIT, QueryError
 from imagebridge.institutions.models import Gateway, Institution
 from imagebridge.institutions.services import get_institution
-from imagebridge.nhs import normalise_nhs_number
+from imagebridge.nhs import is_valid_nhs_number
 from imagebridge.patients import services as patient_index
 from imagebridge.queries import services
 from imagebridge.queries.models import FINISHED, GatewayTask, TaskKind, TaskStatus
@@ -159,6 +159,8 @@ class _Started:
     matching: dict[str, str]
     hub: list[dict[str, Any]]
     tasks: list[str] = field(default_factory=list)
+    # With no PACS to ask, the answer, given in the same transaction as the search.
+    answer: dict[str, Any] | None = None
 
 
 def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
@@ -183,40 +185,59 @@ def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
             )
         else:
             request = {"level": body.level, "keys": matching, "limit": body.limit}
-            tasks = _ask(session, hub, sources, request, actor)
+            started = _Started(matching, found, _ask(session, hub, sources, request, actor))
+            if not started.tasks:
+                started.answer = _answer(session, actor, body, started, {}, [])
     if refused is not None:
         raise _bad_query(refused)
     _nudge_after_commit(hub, [s.id for s in sources])
-    return _Started(matching, found, tasks)
+    return started
 
 
 def _finish_find(hub: Hub, actor: Actor, body: QueryIn, started: _Started) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         answered, unanswered = services.collect(session, started.tasks, hub.clock())
-        matches = services.merge(body.level, started.hub, *answered.values(), limit=body.limit)
-        services.audit_query(
-            session,
-            actor,
-            "query:network:answered",
-            level=body.level,
-            keys=started.matching,
-            matches=matches,
-            sop_class_uid=body.sop_class_uid,
-            calling_ae_title=body.calling_ae_title,
-            from_hub=len(started.hub),
-            from_pacs={code: len(m) for code, m in answered.items()},
-            unanswered=unanswered,
-        )
-        local_ids = _local_ids_of(session, actor, matches)
+        return _answer(session, actor, body, started, answered, unanswered)
+
+
+def _answer(
+    session: Session,
+    actor: Actor,
+    body: QueryIn,
+    started: _Started,
+    answered: dict[str, list[dict[str, Any]]],
+    unanswered: list[str],
+) -> dict[str, Any]:
+    """The matches of the hub and of the PACS that answered, merged and audited."""
+    matches = services.merge(body.level, started.hub, *answered.values(), limit=body.limit)
+    # Looked up before the events are recorded, so that both are written in one flush.
+    local_ids = _local_ids_of(session, actor, matches)
+    services.audit_query(
+        session,
+        actor,
+        "query:network:answered",
+        level=body.level,
+        keys=started.matching,
+        matches=matches,
+        sop_class_uid=body.sop_class_uid,
+        calling_ae_title=body.calling_ae_title,
+        from_hub=len(started.hub),
+        from_pacs={code: len(m) for code, m in answered.items()},
+        unanswered=unanswered,
+    )
+    if local_ids:
+        audit_lookups(session, actor, local_ids)
     return {
         "matches": matches,
         "answered": sorted(answered),
         "unanswered": unanswered,
-        "local_ids": local_ids,
+        "local_ids": {n: found.as_json() for n, found in local_ids.items()},
     }
 
 
-def _local_ids_of(session: Session, actor: Actor, matches: list[dict[str, Any]]) -> dict[str, Any]:
+def _local_ids_of(
+    session: Session, actor: Actor, matches: list[dict[str, Any]]
+) -> dict[str, patient_index.LocalId]:
     """The asking institution's local IDs of the other institutions' patients among the
     matches, as ``/gateway/patients/local-ids`` answers: the gateway shows each match under
     the identity delivery would give it, and would otherwise ask for them straight after."""
@@ -224,16 +245,16 @@ def _local_ids_of(session: Session, actor: Actor, matches: list[dict[str, Any]])
     me = session.get(Institution, actor.institution_id)
     own = me.code if me else ""
     numbers = {
-        normalise_nhs_number(str(m.get("_nhs_number") or ""))
+        str(m["_nhs_number"])
         for m in matches
         if m.get("_nhs_number") and m.get("_institution") != own
     }
-    asked = sorted(n for n in numbers if n is not None)
+    # The hub's own are valid when indexed; a PACS's answer may hold anything.
+    from_pacs = {str(m.get("_nhs_number")) for m in matches if m.get("_source") != "hub"}
+    asked = sorted(n for n in numbers if n not in from_pacs or is_valid_nhs_number(n))
     if not asked:
         return {}
-    found = patient_index.local_ids(session, actor.institution_id, asked)
-    audit_lookups(session, actor, found)
-    return {n: found[n].as_json() for n in asked}
+    return patient_index.local_ids(session, actor.institution_id, asked)
 
 
 @router.post("/gateway/find")
@@ -242,6 +263,8 @@ async def gateway_find(body: QueryIn, actor: GatewayActor, hub: HubDep) -> dict[
     the PACS of the institutions that let it discover their studies, merged."""
     assert actor.institution_id is not None
     started = await run_in_threadpool(_start_find, hub, actor, body)
+    if started.answer is not None:
+        return started.answer
     await _await_tasks(hub, actor.institution_id, started.tasks, hub.settings.query_wait_seconds)
     return await run_in_threadpool(_finish_find, hub, actor, body, started)
 

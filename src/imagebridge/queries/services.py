@@ -331,6 +331,8 @@ def collect(
     did not answer in time (their tasks expire: a late answer is refused)."""
     answered: dict[str, list[dict[str, Any]]] = {}
     unanswered: list[str] = []
+    if not ids:
+        return answered, unanswered
     rows = session.execute(
         select(GatewayTask, Institution.code)
         .join(Institution, Institution.id == GatewayTask.institution_id)
