@@ -189,6 +189,10 @@ def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, lis
                         "accession_number": f"A{sid}",
                         "study_description": "CT CHEST",
                         "created_at": now,
+                        # The counts indexing keeps (index/services.count_again).
+                        "number_of_series": SERIES_PER_STUDY,
+                        "number_of_instances": SERIES_PER_STUDY * INSTANCES_PER_SERIES,
+                        "modalities_in_study": "CT\\SR",
                     }
                 )
                 for r in range(SERIES_PER_STUDY):
@@ -201,6 +205,7 @@ def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, lis
                             "modality": "CT" if r == 0 else "SR",
                             "series_number": str(r + 1),
                             "series_description": "",
+                            "number_of_instances": INSTANCES_PER_SERIES,
                         }
                     )
                     for i in range(INSTANCES_PER_SERIES):

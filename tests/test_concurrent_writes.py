@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -44,6 +46,7 @@ class Hub:
     seg: int
     rvh: int
     items: list[tuple[Header, str, int]]  # one study of 8 instances, as indexing takes them
+    paths: list[Path]  # their files
 
     def gateway(self, institution_id: int) -> Actor:
         return Actor("gateway", "gw", institution_id)
@@ -107,7 +110,7 @@ def hub(tmp_path: Path, database_url: str) -> Iterator[Hub]:
         (read_header(p), hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
         for p in study.paths
     ]
-    yield Hub(database_url, sessions, ids[0], ids[1], items)
+    yield Hub(database_url, sessions, ids[0], ids[1], items, study.paths)
     engine.dispose()
 
 
@@ -123,6 +126,48 @@ def test_one_study_indexed_at_once_in_parts_is_filed_once(hub: Hub) -> None:
     hub.at_once(lambda n, session: index_instances(session, hub.seg, hub.items[n::WORKERS]))
     assert (hub.count(Patient), hub.count(Study), hub.count(Series)) == (1, 1, 1)
     assert hub.count(Instance) == len(hub.items)
+    # The counts queries return, kept by each part: none lost to another.
+    assert _counts(hub) == (1, len(hub.items), "CT", [len(hub.items)])
+
+
+def _counts(hub: Hub) -> tuple[int, int, str, list[int]]:
+    with hub.sessions() as session:
+        study = session.scalars(select(Study)).one()
+        series = session.scalars(select(Series.number_of_instances).order_by(Series.id)).all()
+        return (
+            study.number_of_series,
+            study.number_of_instances,
+            study.modalities_in_study,
+            list(series),
+        )
+
+
+def test_the_counts_a_query_returns_follow_each_batch_indexed(hub: Hub, tmp_path: Path) -> None:
+    # Two instances of a second series of the study, of another modality.
+    other_series = generate_uid()
+    others = []
+    for n, path in enumerate(hub.paths[:2]):
+        ds = dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.Modality = other_series, generate_uid(), "SR"
+        ds.save_as(tmp_path / f"sr{n}.dcm")
+        data = (tmp_path / f"sr{n}.dcm").read_bytes()
+        others.append(
+            (read_header(tmp_path / f"sr{n}.dcm"), hashlib.sha256(data).hexdigest(), len(data))
+        )
+    with transaction(hub.sessions) as session:
+        ensure_blob_rows(session, {sha: size for _, sha, size in hub.items + others})
+    batches = [hub.items[:3], hub.items[3:] + others[:1], hub.items[:2], others]
+    expected = [
+        (1, 3, "CT", [3]),
+        (2, 9, "CT\\SR", [8, 1]),
+        (2, 9, "CT\\SR", [8, 1]),
+        (2, 10, "CT\\SR", [8, 2]),
+    ]
+    for batch, counts in zip(batches, expected, strict=True):
+        # (The third and fourth send instances again: they are counted once.)
+        with transaction(hub.sessions) as session:
+            index_instances(session, hub.seg, batch)
+        assert _counts(hub) == counts
 
 
 def _queued_transfer(hub: Hub) -> str:

@@ -9,9 +9,12 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
 
-from imagebridge.db import make_engine
+from imagebridge.db import make_engine, make_sessionmaker, transaction
+from imagebridge.index.models import Patient
+from imagebridge.institutions.services import create_institution
 from imagebridge.migrate import alembic_config, upgrade
 from imagebridge.models import Base
+from imagebridge.storage.services import ensure_blob_rows
 
 
 def _differences(engine: Engine) -> list[object]:
@@ -58,3 +61,59 @@ def test_the_audit_trail_refuses_change(database_url: str) -> None:
     for statement in ("UPDATE audit_events SET outcome = 'failure'", "DELETE FROM audit_events"):
         with pytest.raises(DatabaseError, match="append-only"), engine.begin() as connection:
             connection.execute(text(statement))
+
+
+def test_the_counts_of_studies_indexed_before_they_were_kept_are_counted(
+    database_url: str,
+) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0009")
+        # Tables 0010 leaves alone are written with the models, the others as they were.
+        with transaction(make_sessionmaker(engine)) as session:
+            create_institution(session, "SEG", "SEG")
+            session.add(Patient(id=1, institution_id=1, patient_id="P1"))
+            ensure_blob_rows(session, {"a": 1})
+        with engine.begin() as connection:
+            for study in (1, 2):
+                connection.execute(
+                    text(
+                        "INSERT INTO studies (id, institution_id, patient_ref, study_instance_uid,"
+                        " study_date, study_time, accession_number, study_description,"
+                        " created_at) VALUES (:id, 1, 1, :uid, '', '', '', '', '2026-01-01')"
+                    ),
+                    {"id": study, "uid": f"1.{study}"},
+                )
+            # Study 1: a CT series of 3 and an SR of 1 and an MR of none; study 2: nothing.
+            for series, modality, instances in ((1, "CT", 3), (2, "SR", 1), (3, "MR", 0)):
+                connection.execute(
+                    text(
+                        "INSERT INTO series (id, study_id, series_instance_uid, modality,"
+                        " series_number, series_description) VALUES (:id, 1, :uid, :m, '', '')"
+                    ),
+                    {"id": series, "uid": f"1.1.{series}", "m": modality},
+                )
+                for n in range(instances):
+                    connection.execute(
+                        text(
+                            "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid,"
+                            " transfer_syntax_uid, instance_number, blob_sha256, size,"
+                            " created_at) VALUES (:s, :uid, '1', '1', '', 'a', 1, '2026-01-01')"
+                        ),
+                        {"s": series, "uid": f"1.1.{series}.{n}"},
+                    )
+        upgrade(engine)
+        with engine.connect() as connection:
+            studies = connection.execute(
+                text(
+                    "SELECT number_of_series, number_of_instances, modalities_in_study"
+                    " FROM studies ORDER BY id"
+                )
+            ).all()
+            series = connection.execute(
+                text("SELECT number_of_instances FROM series ORDER BY id")
+            ).scalars()
+            assert [tuple(s) for s in studies] == [(3, 4, "CT\\MR\\SR"), (0, 0, "")]
+            assert list(series) == [3, 1, 0]
+    finally:
+        engine.dispose()

@@ -46,6 +46,11 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(16), default="")
     study_description: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What a study-level match returns, kept as instances are indexed (index/services.py):
+    # counting them for each answer cost as much as the search. Modalities joined by "\\".
+    number_of_series: Mapped[int] = mapped_column(default=0, server_default="0")
+    number_of_instances: Mapped[int] = mapped_column(default=0, server_default="0")
+    modalities_in_study: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
     patient: Mapped[Patient] = relationship()
 
@@ -60,6 +65,7 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_number: Mapped[str] = mapped_column(String(12), default="")
     series_description: Mapped[str] = mapped_column(String(64), default="")
+    number_of_instances: Mapped[int] = mapped_column(default=0, server_default="0")
 
     study: Mapped[Study] = relationship()
 

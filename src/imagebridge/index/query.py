@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from imagebridge.db import one_of
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.index.visibility import Scope
 from imagebridge.institutions.models import Institution
@@ -183,13 +182,25 @@ _REFERENCES: dict[str, tuple[tuple[str, InstrumentedAttribute[Any]], ...]] = {
 }
 
 
+# Returned at their own level only, from the counts kept as instances are indexed.
+_COUNTED: dict[str, tuple[tuple[str, InstrumentedAttribute[Any]], ...]] = {
+    "STUDY": (
+        ("NumberOfStudyRelatedSeries", Study.number_of_series),
+        ("NumberOfStudyRelatedInstances", Study.number_of_instances),
+        (MODALITIES_IN_STUDY, Study.modalities_in_study),
+    ),
+    "SERIES": (("NumberOfSeriesRelatedInstances", Series.number_of_instances),),
+}
+
+
 def _returned(level: str) -> tuple[tuple[str, ...], tuple[InstrumentedAttribute[Any], ...]]:
     """The names and columns of a match at ``level``: from the patient down, each level's
-    keys, then the hub's references."""
+    keys, then the hub's references; then the level's counts."""
     pairs: list[tuple[str, InstrumentedAttribute[Any]]] = []
     for each in LEVELS[: LEVELS.index(level) + 1]:
         pairs += [(name, key.column) for name, key in KEYS.items() if key.level == each]
         pairs += _REFERENCES[each]
+    pairs += _COUNTED.get(level, ())
     names, columns = zip(*pairs, strict=True)
     return names, columns
 
@@ -248,47 +259,10 @@ def find(
     rows = session.execute(query.limit(limit).offset(offset))
     out = [dict(zip(names, row, strict=True)) for row in rows]
     if level == "STUDY":
-        _add_study_counts(session, out)
-    elif level == "SERIES":
-        _add_series_counts(session, out)
+        for item in out:
+            modalities = item[MODALITIES_IN_STUDY]
+            item[MODALITIES_IN_STUDY] = modalities.split("\\") if modalities else []
     return out
-
-
-def _add_study_counts(session: Session, items: list[dict[str, Any]]) -> None:
-    ids = [i["_study_id"] for i in items]
-    if not ids:
-        return
-    # One row per series: its study, modality and number of instances. Counted per series
-    # on the index of instances.series_id, which costs less than joining and grouping.
-    instances = select(func.count()).where(Instance.series_id == Series.id).scalar_subquery()
-    series: dict[int, list[tuple[str, int]]] = {}
-    for study_id, modality, count in session.execute(
-        select(Series.study_id, Series.modality, instances).where(
-            one_of(session, Series.study_id, ids)
-        )
-    ):
-        series.setdefault(study_id, []).append((modality, count))
-    for item in items:
-        found = series.get(item["_study_id"], [])
-        item["NumberOfStudyRelatedSeries"] = len(found)
-        item["NumberOfStudyRelatedInstances"] = sum(count for _, count in found)
-        item[MODALITIES_IN_STUDY] = sorted({m for m, _ in found if m})
-
-
-def _add_series_counts(session: Session, items: list[dict[str, Any]]) -> None:
-    ids = [i["_series_id"] for i in items]
-    if not ids:
-        return
-    counts: dict[int, int] = {
-        series_id: count
-        for series_id, count in session.execute(
-            select(Instance.series_id, func.count(Instance.id))
-            .where(one_of(session, Instance.series_id, ids))
-            .group_by(Instance.series_id)
-        )
-    }
-    for item in items:
-        item["NumberOfSeriesRelatedInstances"] = counts.get(item["_series_id"], 0)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, tuple_, update
+from sqlalchemy import Table, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from imagebridge.db import take_turns, utcnow
+from imagebridge.db import one_of, take_turns, utcnow
 from imagebridge.dicom.part10 import INDEXED, Header
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.nhs import normalise_nhs_number
@@ -54,6 +55,8 @@ class Indexed:
 
 
 _INSTANCES = cast(Table, Instance.__table__)
+_SERIES = cast(Table, Series.__table__)
+_STUDIES = cast(Table, Study.__table__)
 # Executed with one parameter set per row: SET takes the columns each set names.
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("row_id"))
 _KEY = ("series_id", "sop_instance_uid")
@@ -130,12 +133,62 @@ def index_instances(
             [{**row, "created_at": now} for row in new],
         )
         ids.update({(series_id, uid): row_id for row_id, series_id, uid in inserted})
+        count_again(session, {row["series_id"] for row in new})
     return [
         p
         if isinstance(p, NotIndexed)
         else Indexed(ids[(p[0].id, p[1].sop_instance_uid)], p[0].study_id)
         for p in placed
     ]
+
+
+def count_again(session: Session, series_ids: set[int]) -> None:
+    """Count again the instances of these series, and the series, instances and modalities
+    of their studies, into the rows that queries return them from.
+
+    Counted from the rows, not incremented, so a count cannot drift; the institution's turn
+    (held by whoever indexes) keeps other batches from adding rows meanwhile.
+    """
+    if not series_ids:
+        return
+    instances = select(func.count()).where(_INSTANCES.c.series_id == _SERIES.c.id).scalar_subquery()
+    session.execute(
+        update(_SERIES)
+        .where(one_of(session, _SERIES.c.id, series_ids))
+        .values(number_of_instances=instances)
+    )
+    studies = select(_SERIES.c.study_id).where(one_of(session, _SERIES.c.id, series_ids))
+    per_study: dict[int, list[tuple[str, int]]] = {}
+    for study_id, modality, count in session.execute(
+        select(_SERIES.c.study_id, _SERIES.c.modality, _SERIES.c.number_of_instances).where(
+            _SERIES.c.study_id.in_(studies)
+        )
+    ):
+        per_study.setdefault(study_id, []).append((modality, count))
+    session.execute(
+        update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id")),
+        [
+            {
+                "study_id": study_id,
+                "number_of_series": len(series),
+                "number_of_instances": sum(count for _, count in series),
+                "modalities_in_study": joined_modalities(m for m, _ in series),
+            }
+            for study_id, series in per_study.items()
+        ],
+    )
+
+
+def joined_modalities(modalities: Iterable[str], room: int = 255) -> str:
+    """Distinct modalities, sorted, joined by "\\" as a multi-valued CS; whole values only,
+    as many as fit in ``room``."""
+    out = ""
+    for modality in sorted({m for m in modalities if m}):
+        joined = f"{out}\\{modality}" if out else modality
+        if len(joined) > room:
+            break
+        out = joined
+    return out
 
 
 def _study(
