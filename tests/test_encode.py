@@ -9,7 +9,7 @@ import pytest
 from pydicom.sequence import Sequence
 from pynetdicom.dsutils import decode
 
-from imagebridge.dicom.encode import flat_dataset, keyword_entry, value_bytes
+from imagebridge.dicom.encode import keyword_entry, text_dataset, value_bytes
 
 VALUES = {
     "PatientName": "Ó'Brien^Siobhán",
@@ -28,13 +28,12 @@ VALUES = {
 
 @pytest.mark.parametrize("implicit", [True, False])
 def test_a_flat_dataset_reads_back_as_given(implicit: bool) -> None:
-    elements = [(0x00080005, "CS", b"ISO_IR 192")]
-    for keyword, text in VALUES.items():
-        entry = keyword_entry(keyword)
-        assert entry is not None
-        tag, vr = entry
-        elements.append((tag, vr, value_bytes(vr, text, "utf-8")))
-    ds = decode(BytesIO(flat_dataset(reversed(elements), implicit=implicit)), implicit, True)
+    # Given out of tag order, with a keyword that names no element.
+    keywords = ("SpecificCharacterSet", "NoSuchKeyword", *reversed(VALUES))
+    texts = ["ISO_IR 192", "x", *(VALUES[k] for k in reversed(VALUES))]
+    encoded = text_dataset(keywords, texts, implicit=implicit, encoding="utf-8")
+    ds = decode(BytesIO(encoded), implicit, True)
+    assert "NoSuchKeyword" not in ds
     assert str(ds.PatientName) == VALUES["PatientName"]
     assert ds.PatientID == "X1"
     assert ds.StudyInstanceUID == "1.2.3"

@@ -180,3 +180,24 @@ def test_a_fetch_is_done_only_with_its_closed_transfer(net: InProcessHub, tmp_pa
     with net.hub.sessions() as session:
         row = session.get(GatewayTask, task_id)
         assert row is not None and row.status == TaskStatus.done
+
+
+def test_a_gateways_find_returns_the_fields_it_asks_for(net: InProcessHub, tmp_path: Any) -> None:
+    study = generate_ct_study(tmp_path / "s", slices=1, rows=16, columns=16, nhs_number=NHS)
+    net.upload("NTH", "RVH", study.paths)  # NTH: not discoverable, so no PACS is asked
+    client, gw = net.client(), _gateway(net, "NTH")
+    query = {"level": "STUDY", "keys": {"StudyInstanceUID": study.study_instance_uid}}
+    whole = client.post("/api/v1/gateway/find", json=query, headers=gw).json()["matches"]
+    assert len(whole) == 1 and whole[0]["NumberOfStudyRelatedInstances"] == 1
+    assert whole[0]["ModalitiesInStudy"] == ["CT"] and whole[0]["PatientID"] == "A123456"
+    fields = ["StudyInstanceUID", "PatientID", "NotAKeyword"]
+    r = client.post("/api/v1/gateway/find", json={**query, "fields": fields}, headers=gw)
+    assert r.status_code == 200, r.text
+    (match,) = r.json()["matches"]
+    assert match == {
+        "PatientID": "A123456",
+        "StudyInstanceUID": study.study_instance_uid,
+        "_institution": "NTH",
+        "_nhs_number": NHS,
+        "_source": "hub",
+    }

@@ -6,7 +6,7 @@ costs about a millisecond each).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -66,10 +66,38 @@ def value_bytes(vr: str, text: str, encoding: str) -> bytes:
         return b""
 
 
-def flat_dataset(values: Iterable[tuple[int, str, bytes]], *, implicit: bool) -> bytes:
-    """A dataset of top-level elements (tag, VR, encoded value), in ascending tag order.
-    An SQ element is written as an empty sequence."""
-    return b"".join(
-        element(tag, vr, b"" if vr == "SQ" else value, implicit=implicit)
-        for tag, vr, value in sorted(values, key=lambda v: v[0])
-    )
+def text_dataset(
+    keywords: tuple[str, ...], texts: Sequence[str], *, implicit: bool, encoding: str
+) -> bytes:
+    """A dataset of top-level elements, the keywords' values given as text (``texts[i]`` for
+    ``keywords[i]``), in ascending tag order. A keyword that names no element is left out;
+    an SQ element is written as an empty sequence. The many answers of one C-FIND share
+    their keywords: each element's header is worked out once for all of them."""
+    parts = []
+    for position, vr, head, long in _layout(keywords, implicit):
+        raw = b"" if vr == "SQ" else value_bytes(vr, texts[position], encoding)
+        parts.append(head + (_LONG.pack(len(raw)) if long else _SHORT.pack(len(raw))) + raw)
+    return b"".join(parts)
+
+
+_LONG, _SHORT = struct.Struct("<I"), struct.Struct("<H")
+
+
+@lru_cache(maxsize=256)
+def _layout(keywords: tuple[str, ...], implicit: bool) -> tuple[tuple[int, str, bytes, bool], ...]:
+    """For each keyword naming an element, in tag order: its position among the keywords,
+    its VR, the element's bytes before the value length, and whether that length has 4 bytes."""
+    found = []
+    for position, keyword in enumerate(keywords):
+        entry = keyword_entry(keyword)
+        if entry is None:
+            continue
+        tag, vr = entry
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if implicit:
+            found.append((tag, position, vr, head, True))
+        elif vr in LONG_VRS:
+            found.append((tag, position, vr, head + vr.encode() + b"\x00\x00", True))
+        else:
+            found.append((tag, position, vr, head + vr.encode(), False))
+    return tuple(entry[1:] for entry in sorted(found))

@@ -32,7 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 
-from imagebridge.dicom.encode import flat_dataset, keyword_entry, padded, value_bytes
+from imagebridge.dicom.encode import text_dataset
 from imagebridge.dicom.net import (
     ACCEPTED_TRANSFER_SYNTAXES,
     NODELAY_HANDLERS,
@@ -93,6 +93,8 @@ HUB_TIMEOUT = 120.0
 DOWNLOAD_BATCH = 16
 CANCEL_POLL_SECONDS = 0.1
 CANCEL_CHECK_EVERY = 32  # matches answered between two looks for a C-CANCEL
+# What a match must hold, asked or not, to be shown under this institution's identity.
+RECONCILED = ("PatientID", "IssuerOfPatientID", "AccessionNumber", "PatientBirthDate", "PatientSex")
 Answer = tuple[int | Dataset | None, Dataset | str | None]
 
 
@@ -169,33 +171,36 @@ def read_identifier(identifier: Dataset, root: str) -> tuple[str, dict[str, str]
 
 @dataclass(frozen=True)
 class Match:
-    """One pending C-FIND answer: its level, and the values asked for, in the order asked."""
+    """One pending C-FIND answer: its level, and the values asked for as text, in the order
+    asked (the keywords shared by all the answers of a query)."""
 
     level: str
-    values: list[tuple[str, Any]]
-    unicode: bool  # some value is not ASCII: sent as UTF-8 (ISO_IR 192)
+    keywords: tuple[str, ...]
+    texts: list[str]
+
+    @property
+    def unicode(self) -> bool:
+        """Some value is not ASCII: sent as UTF-8 (ISO_IR 192)."""
+        return not "".join(self.texts).isascii()
 
     def dataset(self) -> Dataset:
         ds = Dataset()
         ds.QueryRetrieveLevel = self.level
-        for keyword, value in self.values:
-            _put(ds, keyword, value)
+        for keyword, text in zip(self.keywords, self.texts, strict=True):
+            _put(ds, keyword, text)
         if self.unicode:
             ds.SpecificCharacterSet = "ISO_IR 192"
         return ds
 
     def encoded(self, implicit: bool) -> bytes:
         """The same dataset as ``dataset`` gives, encoded here (little endian)."""
-        encoding = "utf-8" if self.unicode else "ascii"
-        elements = [(0x00080052, "CS", padded(self.level.encode("ascii"), "CS"))]
         if self.unicode:
-            elements.append((0x00080005, "CS", b"ISO_IR 192"))
-        for keyword, value in self.values:
-            entry = keyword_entry(keyword)
-            if entry is not None:
-                tag, vr = entry
-                elements.append((tag, vr, value_bytes(vr, _text(value), encoding)))
-        return flat_dataset(elements, implicit=implicit)
+            keywords = ("QueryRetrieveLevel", "SpecificCharacterSet", *self.keywords)
+            texts = [self.level, "ISO_IR 192", *self.texts]
+            return text_dataset(keywords, texts, implicit=implicit, encoding="utf-8")
+        keywords = ("QueryRetrieveLevel", *self.keywords)
+        texts = [self.level, *self.texts]
+        return text_dataset(keywords, texts, implicit=implicit, encoding="ascii")
 
 
 def _text(value: Any) -> str:
@@ -325,12 +330,14 @@ class QueryRetrieveSCP:
             reason = f"unreadable identifier: {type(exc).__name__}"
             yield self._query_refused(caller, UNABLE_TO_PROCESS, reason, sop_class)
             return
+        keywords = self._returned(level, requested)
         query = {
             "level": level,
             "keys": self._network_keys(keys),
             "limit": MAX_MATCHES,
             "sop_class_uid": sop_class,
             "calling_ae_title": caller.calling_ae_title,
+            "fields": sorted({*keywords, *RECONCILED}),
         }
         try:
             answer = self._ask(cancelled, lambda hub: hub.find(query, HUB_TIMEOUT))
@@ -368,25 +375,28 @@ class QueryRetrieveSCP:
                         continue
                     patients.add(patient)
                 sent.append(local)
-                yield PENDING, "", self._response(local, level, requested)
+                yield PENDING, "", self._response(local, level, keywords)
         finally:
             self._audit_query(caller, sop_class, level, keys, sent, cancelled=was_cancelled)
         yield (CANCEL if was_cancelled else SUCCESS), "", None
 
-    def _response(self, match: dict[str, Any], level: str, requested: list[str]) -> Match:
-        depth = LEVELS.index(level)
-        # The unique keys of this level and those above come back even when not asked.
-        unique = [UNIQUE_KEYS[n] for n in LEVELS[1 : depth + 1]]
-        values: list[tuple[str, Any]] = []
-        for keyword in dict.fromkeys([*requested, *unique]):
-            value = match.get(keyword, "")
+    @staticmethod
+    def _returned(level: str, requested: list[str]) -> tuple[str, ...]:
+        """The keywords each answer holds: those asked for, and the unique keys of this level
+        and those above, which come back even when not asked."""
+        unique = [UNIQUE_KEYS[n] for n in LEVELS[1 : LEVELS.index(level) + 1]]
+        return tuple(dict.fromkeys([*requested, *unique]))
+
+    def _response(self, match: dict[str, Any], level: str, keywords: tuple[str, ...]) -> Match:
+        texts = []
+        for keyword in keywords:
             if keyword == "RetrieveAETitle":
-                value = self.settings.ae_title
+                texts.append(self.settings.ae_title)
             elif keyword == "InstanceAvailability":
-                value = "ONLINE" if match.get("_source") == "hub" else "NEARLINE"
-            values.append((keyword, value))
-        unicode = not all(_text(v).isascii() for _, v in values)
-        return Match(level, values, unicode=unicode)
+                texts.append("ONLINE" if match.get("_source") == "hub" else "NEARLINE")
+            else:
+                texts.append(_text(match.get(keyword)))
+        return Match(level, keywords, texts)
 
     # -- C-MOVE and C-GET -------------------------------------------------------------------
 

@@ -50,6 +50,11 @@ class QueryIn(BaseModel):
     limit: int = Field(100, ge=1, le=MAX_LIMIT)
     sop_class_uid: str = Field("", max_length=64, description="The C-FIND's information model")
     calling_ae_title: str = Field("", max_length=16, description="Who asked the gateway")
+    fields: list[str] | None = Field(
+        None,
+        max_length=1000,
+        description="The DICOM keywords each match returns (default: every one the hub holds)",
+    )
 
 
 class RetrieveIn(BaseModel):
@@ -170,7 +175,9 @@ def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
         try:
             matching = services.validate(body.level, body.keys)
             scope, sources = services.network_scope(session, actor.institution_id, matching)
-            found = services.hub_matches(session, body.level, matching, scope, body.limit)
+            found = services.hub_matches(
+                session, body.level, matching, scope, body.limit, body.fields
+            )
         except QueryError as exc:
             refused = exc
             services.audit_query(
@@ -209,7 +216,8 @@ def _answer(
     unanswered: list[str],
 ) -> dict[str, Any]:
     """The matches of the hub and of the PACS that answered, merged and audited."""
-    matches = services.merge(body.level, started.hub, *answered.values(), limit=body.limit)
+    from_pacs = services.only([m for ms in answered.values() for m in ms], body.fields)
+    matches = services.merge(body.level, started.hub, from_pacs, limit=body.limit)
     # Looked up before the events are recorded, so that both are written in one flush.
     local_ids = _local_ids_of(session, actor, matches)
     services.audit_query(

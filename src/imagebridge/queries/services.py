@@ -108,9 +108,9 @@ def validate(level: str, keys: dict[str, str]) -> dict[str, str]:
     return matching
 
 
-def _public(match: dict[str, Any], source: str) -> dict[str, Any]:
+def _public(match: dict[str, Any], source: str, keep: frozenset[str]) -> dict[str, Any]:
     """A match as it leaves the hub: DICOM keywords, the institution and the NHS number."""
-    out = {k: v for k, v in match.items() if k in _RETURNED}
+    out = {k: v for k, v in match.items() if k in keep}
     out["_institution"] = match.get("_institution", "")
     out["_nhs_number"] = match.get("_nhs_number") or ""
     out["_source"] = source
@@ -118,9 +118,25 @@ def _public(match: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def hub_matches(
-    session: Session, level: str, keys: dict[str, str], scope: Scope, limit: int
+    session: Session,
+    level: str,
+    keys: dict[str, str],
+    scope: Scope,
+    limit: int,
+    fields: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    return [_public(m, "hub") for m in find(session, level, keys, scope, limit=limit)]
+    """The index's matches; with ``fields``, only those keywords of each (and the hub's
+    own references): a gateway asks for what its caller asked, not all the hub holds."""
+    keep = _RETURNED if fields is None else _RETURNED & set(fields)
+    return [_public(m, "hub", keep) for m in find(session, level, keys, scope, limit=limit)]
+
+
+def only(matches: list[dict[str, Any]], fields: list[str] | None) -> list[dict[str, Any]]:
+    """PACS's matches with only these keywords (and the hub's references); all if None."""
+    if fields is None:
+        return matches
+    keep = set(fields)
+    return [{k: v for k, v in m.items() if k in keep or k.startswith("_")} for m in matches]
 
 
 def pacs_matches(matches: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
