@@ -502,8 +502,11 @@ class StoreAssociation(Generic[A]):
 
     def _p_data_tf(self, context_id: int, data: bytes, *, command: bool) -> bytes:
         """``data`` as P-DATA-TF PDUs of one PDV each, none longer than the peer takes."""
-        pieces = [data[i : i + self.fragment] for i in range(0, len(data), self.fragment)]
         kind = 1 if command else 0
+        if len(data) <= self.fragment:  # the usual case (a C-FIND answers hundreds at once)
+            head = (P_DATA_TF, 0, len(data) + 6, len(data) + 2, context_id, kind | 2)
+            return struct.pack(">BBIIBB", *head) + data
+        pieces = [data[i : i + self.fragment] for i in range(0, len(data), self.fragment)]
         return b"".join(
             struct.pack(
                 ">BBIIBB",

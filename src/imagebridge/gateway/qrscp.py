@@ -349,10 +349,11 @@ class QueryRetrieveSCP:
             code, reason = _failure(exc, unavailable=OUT_OF_RESOURCES)
             yield self._query_refused(caller, code, reason, sop_class)
             return
+        me = self._me()
         foreign = {
             str(m["_nhs_number"])
             for m in answer["matches"]
-            if m.get("_nhs_number") and str(m.get("_institution", "")) != self._me()
+            if m.get("_nhs_number") and str(m.get("_institution", "")) != me
         }
         if foreign:
             self.mrn_lookup.learn(answer.get("local_ids") or {})
@@ -365,7 +366,7 @@ class QueryRetrieveSCP:
                 if n % CANCEL_CHECK_EVERY == 0 and cancelled():
                     was_cancelled = True
                     break
-                local = self._local_identity(match)
+                local = self._local_identity(match, me)
                 if local is None:
                     continue
                 if level == "PATIENT":
@@ -604,11 +605,12 @@ class QueryRetrieveSCP:
             keys["IssuerOfPatientID"] = NHS
         return keys
 
-    def _local_identity(self, match: dict[str, Any]) -> dict[str, Any] | None:
-        """A match with the identity delivery would give it here; None if that cannot be
-        decided (a foreign patient ID is never shown as a local one)."""
+    def _local_identity(self, match: dict[str, Any], me: str) -> dict[str, Any] | None:
+        """The match (changed in place) with the identity delivery would give it here, ``me``
+        being this institution; None if that cannot be decided (a foreign patient ID is
+        never shown as a local one)."""
         code = str(match.get("_institution", ""))
-        if code == self._me() or "PatientID" not in match:
+        if code == me or "PatientID" not in match:
             return match
         try:
             decided = plan_values(
@@ -619,19 +621,18 @@ class QueryRetrieveSCP:
                 birth_date=str(match.get("PatientBirthDate") or ""),
                 sex=str(match.get("PatientSex") or ""),
                 sender_code=code,
-                receiver_code=self._me(),
+                receiver_code=me,
                 policy=self.settings.reconciliation,
                 mrn_lookup=self.mrn_lookup,
             )
         except Exception as exc:
             log.error("a match could not be reconciled: %s", type(exc).__name__)
             return None
-        local = dict(match)
-        local["PatientID"] = decided.patient_id
-        local["IssuerOfPatientID"] = decided.issuer_of_patient_id
+        match["PatientID"] = decided.patient_id
+        match["IssuerOfPatientID"] = decided.issuer_of_patient_id
         if "AccessionNumber" in match:
-            local["AccessionNumber"] = decided.accession_number
-        return local
+            match["AccessionNumber"] = decided.accession_number
+        return match
 
     # -- plumbing -----------------------------------------------------------------------------
 
