@@ -6,6 +6,8 @@
     number, by name prefix and by date range, over HTTP to a real hub process, as a
     radiologist who may query the whole network.
     The same searches as C-FIND to a gateway, on one open association.
+    Beside it, Orthanc's C-FIND to the same client, over a smaller index of the same shape
+    whose searches of each kind return about as many studies as ours.
 (b) WADO-RS retrieve of a 300-slice 512x512 CT, in MB/s, beside Orthanc's DICOMweb plugin
     holding the same study, both streamed in full by the same client.
 
@@ -13,12 +15,15 @@ The index part runs on SQLite and on PostgreSQL (a server of its own, durable de
 
 Usage: python bench/dicomweb.py [--patients 20000] [--queries 200] [--slices 300] [--runs 3]
        [--skip-index] [--skip-wado] [--skip-orthanc] [--databases sqlite,postgresql]
+--skip-orthanc leaves out both Orthanc peers: C-FIND (once a run, after the databases, then
+the ratio of medians to each database's) and WADO-RS. Orthanc gets free ports of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +43,8 @@ from typing import Any
 
 import httpx
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import Table, insert, select
 
 from imagebridge.db import make_engine
@@ -65,6 +73,13 @@ INSTITUTIONS = ("BEN1", "BEN2", "BEN3", "BEN4")
 STUDIES_PER_PATIENT = 5
 SERIES_PER_STUDY = 2
 INSTANCES_PER_SERIES = 5
+SURNAMES = 2000
+STUDY_YEARS = range(2010, 2026)  # our studies' dates: any month of these, day 1-28
+DATE_SEARCHES = [f"{year}0301-{year}0331" for year in range(2012, 2026)]
+# Orthanc's index for C-FIND holds only the months the date searches ask for (one instance a
+# study), so a month still holds as many studies as ours; patients and surnames in proportion.
+ORTHANC_SHARE = len(DATE_SEARCHES) / (len(STUDY_YEARS) * 12)
+ORTHANC_AET = "ORTHANC_BENCH"
 WADO_ACCEPT = 'multipart/related; type="application/dicom"'
 _SYLLABLES = (
     "AB",
@@ -157,7 +172,7 @@ def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, lis
         for p in range(patients):
             code = INSTITUTIONS[p % len(INSTITUTIONS)]
             nhs = next(numbers)
-            name = f"{surname(rng.randrange(2000))}^{rng.choice(_GIVEN)}"
+            name = f"{surname(rng.randrange(SURNAMES))}^{rng.choice(_GIVEN)}"
             patient_rows.append(
                 {
                     "id": pid0 + p,
@@ -177,7 +192,8 @@ def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, lis
                 samples["name"].append(name.split("^")[0][:6] + "*")
             for s in range(STUDIES_PER_PATIENT):
                 sid = sid0 + p * STUDIES_PER_PATIENT + s
-                year, month = rng.randrange(2010, 2026), rng.randrange(1, 13)
+                year = rng.randrange(STUDY_YEARS.start, STUDY_YEARS.stop)
+                month = rng.randrange(1, 13)
                 study_rows.append(
                     {
                         "id": sid,
@@ -231,8 +247,7 @@ def fill_index(net: Network, patients: int, rng: random.Random) -> dict[str, lis
                     if rows:
                         c.execute(insert(t[model]), rows)
                     rows.clear()
-        for year in range(2012, 2026):
-            samples["date"].append(f"{year}0301-{year}0331")
+        samples["date"] = list(DATE_SEARCHES)
     with engine.begin() as c:
         # Rows written behind the hub's back: refresh the planner's statistics, as the
         # migration that made the indexes does.
@@ -246,7 +261,20 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
 
-def bench_index(net: Network, args: argparse.Namespace) -> None:
+def searches_for(
+    samples: dict[str, list[str]], rng: random.Random
+) -> dict[str, Callable[[], dict[str, str]]]:
+    """Each kind of search, as QIDO-RS parameters (C-FIND leaves out ``limit``)."""
+    return {
+        "patient ID": lambda: {"PatientID": rng.choice(samples["pid"])},
+        "NHS number": lambda: {"PatientID": rng.choice(samples["nhs"]), "IssuerOfPatientID": "NHS"},
+        "name prefix": lambda: {"PatientName": rng.choice(samples["name"]), "limit": "100"},
+        "date range": lambda: {"StudyDate": rng.choice(samples["date"]), "limit": "100"},
+    }
+
+
+def bench_index(net: Network, args: argparse.Namespace) -> dict[str, float]:
+    """QIDO-RS, then C-FIND; the C-FIND medians by kind of search."""
     rng = random.Random(1)
     for code in INSTITUTIONS:
         net.add_institution(code, f"Bench {code}")
@@ -266,12 +294,7 @@ def bench_index(net: Network, args: argparse.Namespace) -> None:
         f"index: {args.patients:,} patients, {args.patients * STUDIES_PER_PATIENT:,} studies,"
         f" {total:,} instances inserted in {time.perf_counter() - t0:.1f} s"
     )
-    searches: dict[str, Callable[[], dict[str, str]]] = {
-        "patient ID": lambda: {"PatientID": rng.choice(samples["pid"])},
-        "NHS number": lambda: {"PatientID": rng.choice(samples["nhs"]), "IssuerOfPatientID": "NHS"},
-        "name prefix": lambda: {"PatientName": rng.choice(samples["name"]), "limit": "100"},
-        "date range": lambda: {"StudyDate": rng.choice(samples["date"]), "limit": "100"},
-    }
+    searches = searches_for(samples, rng)
     print(f"QIDO-RS /studies, {args.queries} searches each (median, p95, mean results):")
     with httpx.Client(
         base_url=f"{net.hub_url}/dicomweb", timeout=60, headers={"Authorization": f"Bearer {token}"}
@@ -288,7 +311,7 @@ def bench_index(net: Network, args: argparse.Namespace) -> None:
                 r.raise_for_status()
                 counts.append(len(r.json()))
             _report(name, times, counts)
-    bench_c_find(net, args, searches)
+    return bench_c_find(net, args, searches)
 
 
 def _report(name: str, times: list[float], counts: list[int], *, target: bool = True) -> None:
@@ -302,22 +325,36 @@ def _report(name: str, times: list[float], counts: list[int], *, target: bool = 
 
 def bench_c_find(
     net: Network, args: argparse.Namespace, searches: dict[str, Callable[[], dict[str, str]]]
-) -> None:
+) -> dict[str, float]:
     """The same searches as C-FIND (Study Root, STUDY level) to BEN1's gateway by DCMTK's
-    findscu, every search of a kind on one association as a workstation keeps it open:
-    request to final response, from findscu's own log, timestamped to the millisecond."""
+    findscu; the median milliseconds by kind of search."""
     gw = net.start_gateway(
         "BEN1",
         calling_aes=[{"ae_title": "BENCH_WS", "host": "127.0.0.1", "permissions": ["find"]}],
     )
     print(f"C-FIND (Study Root, STUDY) to a gateway, by findscu, {args.queries} searches each:")
+    return c_find(gw.ae_title, gw.port, searches, args.queries)
+
+
+def c_find(
+    ae_title: str,
+    port: int,
+    searches: dict[str, Callable[[], dict[str, str]]],
+    queries: int,
+    *,
+    target: bool = True,
+) -> dict[str, float]:
+    """Each kind of search as C-FIND by findscu, every search of a kind on one association as
+    a workstation keeps it open: request to final response, from findscu's own log,
+    timestamped to the millisecond. Prints each kind's figures; returns their medians."""
+    medians: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="ib-bench-cfind-") as tmp:
         folder = Path(tmp)
         log_config = folder / "log.cfg"
         log_config.write_text(FINDSCU_LOG)
         for name, params in searches.items():
             files = []
-            for n in range(args.queries + 10):
+            for n in range(queries + 10):
                 query = Dataset()
                 query.QueryRetrieveLevel = "STUDY"
                 for keyword in ("StudyInstanceUID", "StudyDate", "PatientName", "PatientID"):
@@ -329,7 +366,7 @@ def bench_c_find(
                 query.save_as(files[-1], implicit_vr=True, little_endian=True)
             result = subprocess.run(
                 [FINDSCU, "-S", "-lc", str(log_config), "-sr", "-aet", "BENCH_WS", "-aec"]
-                + [gw.ae_title, "127.0.0.1", str(gw.port)]
+                + [ae_title, "127.0.0.1", str(port)]
                 + [str(f) for f in files],
                 env=DCMTK_ENV,
                 capture_output=True,
@@ -338,7 +375,9 @@ def bench_c_find(
             times, counts = _find_timings(result.stdout + result.stderr)
             if result.returncode != 0 or len(times) != len(files):
                 sys.exit(f"findscu failed: {(result.stdout + result.stderr)[-2000:]}")
-            _report(name, times[10:], counts[10:])  # the first ten warm up
+            _report(name, times[10:], counts[10:], target=target)  # the first ten warm up
+            medians[name] = statistics.median(times[10:])
+    return medians
 
 
 def _find_timings(log: str) -> tuple[list[float], list[int]]:
@@ -376,10 +415,15 @@ def fetch(url: str, headers: dict[str, str]) -> tuple[float, int]:
         return time.perf_counter() - t, size
 
 
-def start_orthanc(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_orthanc(
+    folder: Path, extra: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """An Orthanc of its own under ``folder``, configured as below updated by ``extra``; its
+    process and HTTP port. Orthanc 1.10 has no bind option: it listens on all interfaces, on
+    free ports, and its REST API refuses other hosts."""
     folder.mkdir(parents=True)
     http_port = free_port()
-    config = {
+    config: dict[str, Any] = {
         "Name": "bench",
         "StorageDirectory": str(folder / "db"),
         "IndexDirectory": str(folder / "db"),
@@ -390,15 +434,153 @@ def start_orthanc(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
         "AuthenticationEnabled": False,
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(extra or {}),
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     process = subprocess.Popen(
         [ORTHANC, str(folder / "orthanc.json")],
+        # Its DICOM side is DCMTK's, which keeps Nagle's algorithm unless told: each C-FIND
+        # would wait ~40 ms for a delayed ACK (the gateway sets TCP_NODELAY itself).
+        env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for_port(http_port, process)
+    try:
+        wait_for_port(http_port, process)
+        if config.get("DicomServerEnabled", True):
+            wait_for_port(config["DicomPort"], process)
+    except BaseException:
+        stop_process(process)
+        raise
     return process, http_port
+
+
+def surname_share(share: float, rng: random.Random) -> list[str]:
+    """A share of the surnames, in whole groups that share a 6-letter prefix and with as many
+    groups of each size as among all, so a prefix matches as many surnames as in our index."""
+    groups: dict[str, list[str]] = {}
+    for n in range(SURNAMES):
+        groups.setdefault(surname(n)[:6], []).append(surname(n))
+    by_size: dict[int, list[list[str]]] = {}
+    for group in groups.values():
+        by_size.setdefault(len(group), []).append(group)
+    return [
+        name
+        for size in sorted(by_size)
+        for group in rng.sample(by_size[size], round(len(by_size[size]) * share))
+        for name in group
+    ]
+
+
+def orthanc_index(
+    our_patients: int, rng: random.Random
+) -> tuple[list[bytes], dict[str, list[str]]]:
+    """Part-10 files of one instance per study, without pixels: ``ORTHANC_SHARE`` of our
+    patients, ``STUDIES_PER_PATIENT`` studies each dated in the months of the date searches;
+    and samples of what to search for, as ``fill_index`` returns."""
+    patients = round(our_patients * ORTHANC_SHARE)
+    surnames = surname_share(ORTHANC_SHARE, rng)
+    numbers = nhs_numbers(rng)
+    samples: dict[str, list[str]] = {"pid": [], "nhs": [], "name": [], "date": list(DATE_SEARCHES)}
+    files: list[bytes] = []
+    for p in range(patients):
+        code = INSTITUTIONS[p % len(INSTITUTIONS)]
+        # Orthanc knows a patient by one PatientID: half by the hospital's, half by NHS number
+        # (the search by NHS number then matches IssuerOfPatientID too, as the gateway's does).
+        if p % 2:
+            patient_id, issuer = next(numbers), "NHS"
+            samples["nhs"].append(patient_id)
+        else:
+            patient_id, issuer = f"{code}{p:07d}", code
+            samples["pid"].append(patient_id)
+        name = f"{surnames[p % len(surnames)]}^{rng.choice(_GIVEN)}"  # as many each as ours
+        samples["name"].append(name.split("^")[0][:6] + "*")
+        birth_date, sex = f"{rng.randrange(1930, 2020)}0101", rng.choice("MF")
+        for s in range(STUDIES_PER_PATIENT):
+            uid = f"1.2.826.0.1.3680043.10.1428.78.{p * STUDIES_PER_PATIENT + s}"
+            ds = Dataset()
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = f"{uid}.1.1"
+            ds.StudyInstanceUID = uid
+            ds.SeriesInstanceUID = f"{uid}.1"
+            ds.PatientID = patient_id
+            ds.IssuerOfPatientID = issuer
+            ds.PatientName = name
+            ds.PatientBirthDate = birth_date
+            ds.PatientSex = sex
+            year = DATE_SEARCHES[rng.randrange(len(DATE_SEARCHES))][:4]
+            ds.StudyDate = f"{year}03{rng.randrange(1, 29):02d}"
+            ds.StudyTime = f"{rng.randrange(24):02d}{rng.randrange(60):02d}00"
+            ds.AccessionNumber = f"B{p * STUDIES_PER_PATIENT + s}"
+            ds.StudyDescription = "CT CHEST"
+            ds.Modality = "CT"
+            ds.SeriesNumber = "1"
+            ds.InstanceNumber = "1"
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            files.append(buffer.getvalue())
+    return files, samples
+
+
+def bench_orthanc_c_find(work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The peer of ``bench_c_find``: the same kinds of search by the same findscu to an Orthanc
+    of its own, over a smaller index whose answers are about as large; its medians."""
+    rng = random.Random(2)
+    files, samples = orthanc_index(args.patients, rng)
+    dicom_port = free_port()
+    orthanc, http_port = start_orthanc(
+        work,
+        {
+            "Name": "bench C-FIND",
+            "DicomServerEnabled": True,
+            "DicomAet": ORTHANC_AET,
+            "DicomPort": dicom_port,
+            "DicomCheckCalledAet": True,
+            # findscu's AE is known, from loopback, as the gateway knows it.
+            "DicomModalities": {
+                "bench": {
+                    "AET": "BENCH_WS",
+                    "Host": "127.0.0.1",
+                    "Port": free_port(),
+                    "AllowFind": True,
+                }
+            },
+            "DicomCheckModalityHost": True,
+            "DicomAlwaysAllowFind": False,
+            "LimitFindResults": 0,  # all the matches, as the gateway answers
+            "LimitFindInstances": 0,
+            "Plugins": [],
+        },
+    )
+    try:
+        t0 = time.perf_counter()
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as client,
+            ThreadPoolExecutor(4) as pool,
+        ):
+            for r in pool.map(lambda body: client.post("/instances", content=body), files):
+                r.raise_for_status()
+            seconds = time.perf_counter() - t0
+            held = client.get("/statistics").json()
+        studies = int(held["CountStudies"])
+        print(
+            f"C-FIND to Orthanc (same client, {studies:,} studies, same-sized answers),"
+            f" {args.queries} searches each:"
+        )
+        searches = searches_for(samples, rng)
+        medians = c_find(ORTHANC_AET, dicom_port, searches, args.queries, target=False)
+        print(
+            f"  Orthanc holds {studies:,} studies of {int(held['CountPatients']):,} patients,"
+            f" one instance each, uploaded in {seconds:.1f} s: a smaller index than our"
+            f" {args.patients * STUDIES_PER_PATIENT:,} studies, which favours Orthanc"
+        )
+        return medians
+    finally:
+        stop_process(orthanc)
 
 
 def bench_wado(net: Network, work: Path, args: argparse.Namespace) -> None:
@@ -479,15 +661,26 @@ def main() -> None:
         "--databases", default="sqlite,postgresql", help="the index on each (comma-separated)"
     )
     args = parser.parse_args()
+    if not args.skip_orthanc and not Path(ORTHANC).exists():
+        sys.exit("missing Orthanc: apt-get install orthanc")
     if not args.skip_orthanc and not args.skip_wado and not Path(DICOMWEB_PLUGIN).exists():
         sys.exit("missing Orthanc's DICOMweb plugin: apt-get install orthanc orthanc-dicomweb")
     work = Path(tempfile.mkdtemp(prefix="ib-bench-dicomweb-"))
     try:
         if not args.skip_index:
+            ours: dict[str, dict[str, float]] = {}
             for database in args.databases.split(","):
                 with hub_on(database, work / f"index-{database}") as net:
                     print(f"-- the index on {database}")
-                    bench_index(net, args)
+                    ours[database] = bench_index(net, args)
+            if not args.skip_orthanc:
+                # Once a run, with no hub running, against each database's figures.
+                print("-- the peer")
+                peer = bench_orthanc_c_find(work / "orthanc-cfind", args)
+                print("C-FIND medians, ratio ImageBridge / Orthanc (below 1.0: ours faster):")
+                for database, medians in ours.items():
+                    for name, median in medians.items():
+                        print(f"  {database:10} {name:12} {median / peer[name]:5.2f}")
         if not args.skip_wado:
             with hub_on("sqlite", work / "wado") as net:
                 bench_wado(net, work, args)
