@@ -115,5 +115,12 @@ def test_the_counts_of_studies_indexed_before_they_were_kept_are_counted(
             ).scalars()
             assert [tuple(s) for s in studies] == [(3, 4, "CT\\MR\\SR"), (0, 0, "")]
             assert list(series) == [3, 1, 0]
+        # And back, with the rows there (instances refer to series, series to studies).
+        config = alembic_config()
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0009")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM instances")).scalar() == 4
     finally:
         engine.dispose()

@@ -35,8 +35,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("transfers", schema=None) as batch_op:
-        batch_op.drop_column("late_alerted_at")
-        batch_op.drop_column("interrupted")
-        batch_op.drop_column("declared_by")
-        batch_op.drop_column("instances_declared")
+    # In place, not by batch mode's copy of the table: dropping the old copy of a table that
+    # other rows refer to fails SQLite's foreign keys (SQLite 3.35 and later drop a column).
+    op.drop_column("transfers", "late_alerted_at")
+    op.drop_column("transfers", "interrupted")
+    op.drop_column("transfers", "declared_by")
+    op.drop_column("transfers", "instances_declared")
