@@ -10,15 +10,23 @@ still gets its answer.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fuzz import dimse
 from imagebridge.demo.network import GatewayProcess, Network
+from imagebridge.dicom.acceptor import AssociateRequest, Refusal
 from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID
 from imagebridge.dicom.ul import associate_rq
+from imagebridge.gateway.journal import Journal
+from imagebridge.gateway.routing import RoutingTable
+from imagebridge.gateway.scp import StorageSCP
+from imagebridge.gateway.spool import Spool
+from imagebridge.settings import CallingNode, GatewaySettings
 
 CALLING = "PACS_SEG"
 ROUTE = "IB_RVH"
@@ -136,3 +144,40 @@ def test_one_limit_of_associations_for_both_acceptors(gateway: GatewayProcess) -
         assert echo_on(peer) == 0x0000
         peer.sock.close()
     assert echo_on(_held(gateway, dimse.association_request(ROUTE, CALLING))) == 0x0000
+
+
+def test_requests_admitted_at_the_same_moment_stay_within_the_limit(tmp_path: Path) -> None:
+    """Admitted requests count as open before their associations are served, so that many
+    arriving together cannot each find room under the limit and together pass it."""
+    settings = GatewaySettings(
+        data_dir=tmp_path,
+        ae_title="IB_GW_SEG",
+        max_associations=LIMIT,
+        calling_aes=[CallingNode(ae_title=CALLING, host="127.0.0.1")],
+    )
+    scp = StorageSCP(
+        settings,
+        Spool(tmp_path / "spool", 0),
+        RoutingTable(tmp_path / "routes.json"),
+        Journal(tmp_path / "journal"),
+    )
+    request = AssociateRequest("IB_GW_SEG", CALLING, (), 0, b"")
+    callers = 4 * LIMIT
+    start = threading.Barrier(callers)
+    answers: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        answers.append(scp.admit(request, "127.0.0.1"))
+
+    threads = [threading.Thread(target=ask) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(not isinstance(a, Refusal) for a in answers) == LIMIT
+    # A request refused for who it is gives its place back.
+    stranger = AssociateRequest("IB_GW_SEG", "STRANGER", (), 0, b"")
+    scp._admitting = 0
+    assert isinstance(scp.admit(stranger, "127.0.0.1"), Refusal)
+    assert scp._admitting == 0

@@ -146,6 +146,9 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         self._own: set[StoreAssociation[_AssociationState]] = set()
+        # Admitted by our acceptor and not yet among _own: counted, so that requests
+        # admitted at the same moment cannot together pass the limit.
+        self._admitting = 0
         self._connections: set[threading.Thread] = set()
         self._closing = False
         self._syntaxes: dict[str, list[str]] = {}
@@ -230,15 +233,31 @@ class StorageSCP:
     def _admit(
         self, calling: str, called: str, address: str, busy: int
     ) -> _AssociationState | Refusal:
-        """``busy``: what this request adds to the associations counted open."""
+        """``busy``: what this request adds to the associations counted open; if admitted,
+        it stays counted until ``_serve`` counts the association itself (or gives up)."""
         server = self._server
         with self._lock:
-            open_now = len(self._own) + len(server.active_associations if server else [])
-        if open_now + busy > self.settings.max_associations:
+            open_now = self._admitting + len(self._own)
+            open_now += len(server.active_associations if server else [])
+            full = open_now + busy > self.settings.max_associations
+            if not full:
+                self._admitting += busy
+        if full:
             log.warning("association refused: %d associations open", open_now)
             self._refused(calling, called, address, "too many associations at once")
             return TOO_MANY
+        release = True
+        try:
+            admitted = self._check_caller(calling, called, address)
+            release = isinstance(admitted, Refusal)
+            return admitted
+        finally:
+            if release:
+                with self._lock:
+                    self._admitting -= busy
 
+    def _check_caller(self, calling: str, called: str, address: str) -> _AssociationState | Refusal:
+        """Who may call, to what: the caller's state, or why it is refused."""
         known = [
             n
             for n in self.settings.calling_aes
@@ -440,19 +459,27 @@ class StorageSCP:
                 sock.sendall(associate_rj(admitted))
             _close(sock)
             return
-        chosen, accepted = negotiate(request, self._syntaxes.get)
-        association = StoreAssociation(
-            sock,
-            request,
-            accepted,
-            self,
-            admitted,
-            max_pdu=self.settings.max_pdu,
-            timeout=self.ae.network_timeout or 60.0,
-        )
-        with self._lock:
-            self._own.add(association)
-            closing = self._closing
+        counted = False
+        try:
+            chosen, accepted = negotiate(request, self._syntaxes.get)
+            association = StoreAssociation(
+                sock,
+                request,
+                accepted,
+                self,
+                admitted,
+                max_pdu=self.settings.max_pdu,
+                timeout=self.ae.network_timeout or 60.0,
+            )
+            with self._lock:
+                self._own.add(association)
+                self._admitting -= 1  # counted among _own from here on
+                counted = True
+                closing = self._closing
+        finally:
+            if not counted:
+                with self._lock:
+                    self._admitting -= 1
         try:
             if closing:
                 association.abort()
