@@ -192,7 +192,7 @@ def test_delivery_files_under_the_local_id_the_index_knows(
         for e in audit_events(network, "patient:identity:lookup")
         if e["actor_type"] == "gateway" and e["patient_ref"] == ALICE
     ]
-    assert len(lookups) == 1 and lookups[0]["detail"]["found"] is True
+    assert len(lookups) == 1 and lookups[0]["detail"]["found"] == 1
 
 
 class Clock:

@@ -239,7 +239,7 @@ def local_patient_id(body: LocalIdQuery, actor: GatewayActor, hub: HubDep) -> di
     assert actor.institution_id is not None
     with hub.sessions() as session, session.begin():
         found = patient_index.local_id(session, actor.institution_id, nhs_number)
-        _audit_lookup(session, actor, nhs_number, found)
+        audit_lookups(session, actor, {nhs_number: found}, operation="local-id")
     return found.as_json()
 
 
@@ -269,23 +269,14 @@ def local_patient_ids(body: LocalIdsQuery, actor: GatewayActor, hub: HubDep) -> 
     return {"answers": {n: found[n].as_json() for n in asked}}
 
 
-def _audit_lookup(
-    session: Session, actor: Actor, nhs_number: str, found: patient_index.LocalId
+def audit_lookups(
+    session: Session,
+    actor: Actor,
+    found: dict[str, patient_index.LocalId],
+    operation: str = "local-ids",
 ) -> None:
-    record(
-        session,
-        "patient:identity:lookup",
-        institution_id=actor.institution_id,
-        patient_ref=nhs_number,
-        detail={"operation": "local-id", "found": found.patient_id is not None}
-        | ({"conflict": found.conflict} if found.conflict else {}),
-        **actor.audit(),
-    )
-
-
-def audit_lookups(session: Session, actor: Actor, found: dict[str, patient_index.LocalId]) -> None:
-    """Many local-ID lookups as one event naming every number (a query's, here or in
-    ``/gateway/find``'s answer)."""
+    """Local-ID lookups as one event naming every number (one patient's, or a query's, here
+    or in ``/gateway/find``'s answer): ``found`` counts those with a local ID."""
     asked = sorted(found)
     record(
         session,
@@ -293,7 +284,7 @@ def audit_lookups(session: Session, actor: Actor, found: dict[str, patient_index
         institution_id=actor.institution_id,
         patient_ref=asked[0] if len(asked) == 1 else "",
         detail={
-            "operation": "local-ids",
+            "operation": operation,
             "nhs_numbers": asked,
             "found": sum(1 for f in found.values() if f.patient_id is not None),
             "conflicts": {n: f.conflict for n, f in sorted(found.items()) if f.conflict},
