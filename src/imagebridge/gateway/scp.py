@@ -246,15 +246,19 @@ class StorageSCP:
             log.warning("association refused: %d associations open", open_now)
             self._refused(calling, called, address, "too many associations at once")
             return TOO_MANY
-        release = True
         try:
             admitted = self._check_caller(calling, called, address)
-            release = isinstance(admitted, Refusal)
-            return admitted
-        finally:
-            if release:
-                with self._lock:
-                    self._admitting -= busy
+        except BaseException:
+            self._give_back(busy)
+            raise
+        if isinstance(admitted, Refusal):
+            self._give_back(busy)
+        return admitted
+
+    def _give_back(self, admitted: int) -> None:
+        """Admitted requests that will not become associations: no longer counted open."""
+        with self._lock:
+            self._admitting -= admitted
 
     def _check_caller(self, calling: str, called: str, address: str) -> _AssociationState | Refusal:
         """Who may call, to what: the caller's state, or why it is refused."""
@@ -459,7 +463,6 @@ class StorageSCP:
                 sock.sendall(associate_rj(admitted))
             _close(sock)
             return
-        counted = False
         try:
             chosen, accepted = negotiate(request, self._syntaxes.get)
             association = StoreAssociation(
@@ -471,15 +474,13 @@ class StorageSCP:
                 max_pdu=self.settings.max_pdu,
                 timeout=self.ae.network_timeout or 60.0,
             )
-            with self._lock:
-                self._own.add(association)
-                self._admitting -= 1  # counted among _own from here on
-                counted = True
-                closing = self._closing
-        finally:
-            if not counted:
-                with self._lock:
-                    self._admitting -= 1
+        except BaseException:
+            self._give_back(1)
+            raise
+        with self._lock:
+            self._own.add(association)
+            self._admitting -= 1  # counted among _own from here on
+            closing = self._closing
         try:
             if closing:
                 association.abort()

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, tuple_, update
+from sqlalchemy import String, Table, bindparam, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from imagebridge.db import one_of, take_turns, utcnow
@@ -57,6 +57,7 @@ class Indexed:
 _INSTANCES = cast(Table, Instance.__table__)
 _SERIES = cast(Table, Series.__table__)
 _STUDIES = cast(Table, Study.__table__)
+_MODALITIES_ROOM = cast(String, _STUDIES.c.modalities_in_study.type).length or 255
 # Executed with one parameter set per row: SET takes the columns each set names.
 _UPDATE_INSTANCE = update(_INSTANCES).where(_INSTANCES.c.id == bindparam("row_id"))
 _KEY = ("series_id", "sop_instance_uid")
@@ -172,20 +173,20 @@ def count_again(session: Session, series_ids: set[int]) -> None:
                 "study_id": study_id,
                 "number_of_series": len(series),
                 "number_of_instances": sum(count for _, count in series),
-                "modalities_in_study": joined_modalities(m for m, _ in series),
+                "modalities_in_study": _joined_modalities(m for m, _ in series),
             }
             for study_id, series in per_study.items()
         ],
     )
 
 
-def joined_modalities(modalities: Iterable[str], room: int = 255) -> str:
+def _joined_modalities(modalities: Iterable[str]) -> str:
     """Distinct modalities, sorted, joined by "\\" as a multi-valued CS; whole values only,
-    as many as fit in ``room``."""
+    as many as fit in the column."""
     out = ""
     for modality in sorted({m for m in modalities if m}):
         joined = f"{out}\\{modality}" if out else modality
-        if len(joined) > room:
+        if len(joined) > _MODALITIES_ROOM:
             break
         out = joined
     return out

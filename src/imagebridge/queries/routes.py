@@ -252,14 +252,16 @@ def _local_ids_of(
     assert actor.institution_id is not None
     me = session.get(Institution, actor.institution_id)
     own = me.code if me else ""
-    numbers = {
-        str(m["_nhs_number"])
-        for m in matches
-        if m.get("_nhs_number") and m.get("_institution") != own
-    }
-    # The hub's own are valid when indexed; a PACS's answer may hold anything.
-    from_pacs = {str(m.get("_nhs_number")) for m in matches if m.get("_source") != "hub"}
-    asked = sorted(n for n in numbers if n not in from_pacs or is_valid_nhs_number(n))
+    # The hub's own numbers are valid when indexed; a PACS's answer may hold anything.
+    asked = sorted(
+        {
+            number
+            for m in matches
+            if (number := str(m.get("_nhs_number") or ""))
+            and m.get("_institution") != own
+            and (m.get("_source") == "hub" or is_valid_nhs_number(number))
+        }
+    )
     if not asked:
         return {}
     return patient_index.local_ids(session, actor.institution_id, asked)
