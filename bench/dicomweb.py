@@ -55,7 +55,7 @@ from imagebridge.institutions.models import Institution
 from imagebridge.storage.models import Blob
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg import PostgresServer, postgres_binaries
+from pg import DEPLOYED_SERVER_OPTIONS, PostgresServer, postgres_binaries
 
 ORTHANC = "/usr/sbin/Orthanc"
 FINDSCU = "/usr/bin/findscu"
@@ -695,7 +695,9 @@ def hub_on(database: str, root: Path) -> Iterator[Network]:
     server: PostgresServer | None = None
     try:
         if database == "postgresql":
-            server = PostgresServer(*postgres_binaries(), options={"max_connections": "100"})
+            server = PostgresServer(
+                *postgres_binaries(), options={**DEPLOYED_SERVER_OPTIONS, "max_connections": "100"}
+            )
             server.start()
             net.database_url = server.create()
         elif database != "sqlite":

@@ -51,7 +51,7 @@ from imagebridge.demo.synthetic import StudyFiles, generate_ct_study  # noqa: E4
 from imagebridge.gateway import delivery  # noqa: E402
 from imagebridge.gateway.hubclient import HubClient  # noqa: E402
 from imagebridge.settings import GatewaySettings  # noqa: E402
-from pg import PostgresServer, postgres_binaries  # noqa: E402
+from pg import DEPLOYED_SERVER_OPTIONS, PostgresServer, postgres_binaries  # noqa: E402
 from seaweed import SeaweedServer, weed_path  # noqa: E402
 
 BATCH_INSTANCES = GatewaySettings.model_fields["upload_batch_instances"].default
@@ -106,7 +106,9 @@ def sqlite_hub(root: Path) -> Iterator[Hubs]:
 @contextmanager
 def postgres_hubs(root: Path, count: int) -> Iterator[Hubs]:
     # The product's durable settings: commits wait for the disk (the tests' server does not).
-    server = PostgresServer(*postgres_binaries(), options={"max_connections": "200"})
+    server = PostgresServer(
+        *postgres_binaries(), options={**DEPLOYED_SERVER_OPTIONS, "max_connections": "200"}
+    )
     weed = SeaweedServer(weed_path())
     nets: list[Network] = []
     try:

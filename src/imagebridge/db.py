@@ -72,11 +72,16 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_use_lifo=True
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # The most recently used connection first: it has this process's statements prepared
+    # (psycopg prepares one after its fifth use on a connection) and the catalog cached;
+    # handing connections out in turn would keep every one of them cold.
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_use_lifo=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

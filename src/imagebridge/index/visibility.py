@@ -8,8 +8,9 @@ institutions have an agreement in force and the other lets this one discover its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, false, or_, select
+from sqlalchemy import ColumnElement, Select, false, or_, select
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
@@ -42,18 +43,19 @@ class Scope:
         return or_(*clauses) if clauses else false()
 
 
-def discoverable_by(session: Session, viewer_id: int) -> set[int]:
-    """Institutions that let the viewer's institution discover their studies."""
-    return set(
-        session.scalars(
-            select(DiscoveryRule.source_institution_id).where(
-                or_(
-                    DiscoveryRule.viewer_institution_id.is_(None),
-                    DiscoveryRule.viewer_institution_id == viewer_id,
-                )
-            )
+def discovery_sources(viewer_id: int) -> Select[Any]:
+    """The institutions that let the viewer's institution discover their studies."""
+    return select(DiscoveryRule.source_institution_id).where(
+        or_(
+            DiscoveryRule.viewer_institution_id.is_(None),
+            DiscoveryRule.viewer_institution_id == viewer_id,
         )
     )
+
+
+def discoverable_by(session: Session, viewer_id: int) -> set[int]:
+    """Institutions that let the viewer's institution discover their studies."""
+    return set(session.scalars(discovery_sources(viewer_id)))
 
 
 def scope_of(session: Session, actor: Actor) -> Scope:

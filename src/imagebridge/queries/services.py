@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
-from imagebridge.agreements.services import institutions_in_force
+from imagebridge.agreements.models import Agreement
 from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.index.models import Instance, Series, Study
@@ -29,7 +29,7 @@ from imagebridge.index.query import (
     check,
     find,
 )
-from imagebridge.index.visibility import Scope, discoverable_by
+from imagebridge.index.visibility import Scope, discovery_sources
 from imagebridge.institutions.models import Gateway, Institution
 from imagebridge.queries.models import FINISHED, GatewayTask, TaskKind, TaskStatus
 
@@ -50,6 +50,8 @@ UNIQUE_KEYS = {
 # Audit events name at most this many studies.
 AUDITED_STUDIES = 100
 _RETURNED = frozenset(KEYS) | {MODALITIES_IN_STUDY} | {k for ks in COUNTS.values() for k in ks}
+# The hub's references a match shows outside the hub.
+_SHOWN_REFERENCES = frozenset({"_institution", "_nhs_number"})
 
 
 def local_patient(keys: dict[str, str], nhs_issuer: str) -> bool:
@@ -64,22 +66,38 @@ def network_scope(
 ) -> tuple[Scope, list[Institution]]:
     """What this institution may see for a query: its scope in the hub's index, and the
     institutions whose PACS may be asked (with a gateway to ask)."""
-    in_force = institutions_in_force(session)
-    if institution_id not in in_force:
-        return Scope(frozenset({institution_id}), None), []
+    home: tuple[Scope, list[Institution]] = (Scope(frozenset({institution_id}), None), [])
     if local_patient(keys, nhs_issuer):
-        return Scope(frozenset({institution_id}), None), []
-    others = (discoverable_by(session, institution_id) & in_force) - {institution_id}
-    scope = Scope(frozenset({institution_id} | others), institution_id)
-    # Only gateways heard from lately: asking one that is off would make every query wait.
+        return home
+    # One round to the database for what every query needs: of this institution and those
+    # that let it discover them, which have an agreement in force, and which have a gateway
+    # heard from lately (asking one that is off would make every query wait).
     recent = utcnow() - timedelta(seconds=GATEWAY_RECENT_SECONDS)
-    with_gateway = select(Gateway.institution_id).where(
-        Gateway.revoked_at.is_(None), Gateway.last_seen_at > recent
+    answering = exists().where(
+        Gateway.institution_id == Agreement.institution_id,
+        Gateway.revoked_at.is_(None),
+        Gateway.last_seen_at > recent,
     )
+    rows = session.execute(
+        select(Agreement.institution_id, answering)
+        .where(
+            Agreement.withdrawn_at.is_(None),
+            or_(
+                Agreement.institution_id == institution_id,
+                Agreement.institution_id.in_(discovery_sources(institution_id)),
+            ),
+        )
+        .distinct()
+    ).all()
+    in_force = {row[0] for row in rows}
+    if institution_id not in in_force:
+        return home
+    scope = Scope(frozenset(in_force), institution_id)
+    asked = {row[0] for row in rows if row[1]} - {institution_id}
+    if not asked:
+        return scope, []
     sources = session.scalars(
-        select(Institution)
-        .where(Institution.id.in_(others), Institution.id.in_(with_gateway))
-        .order_by(Institution.code)
+        select(Institution).where(Institution.id.in_(asked)).order_by(Institution.code)
     ).all()
     return scope, list(sources)
 
@@ -108,15 +126,6 @@ def validate(level: str, keys: dict[str, str]) -> dict[str, str]:
     return matching
 
 
-def _public(match: dict[str, Any], source: str, keep: frozenset[str]) -> dict[str, Any]:
-    """A match as it leaves the hub: DICOM keywords, the institution and the NHS number."""
-    out = {k: v for k, v in match.items() if k in keep}
-    out["_institution"] = match.get("_institution", "")
-    out["_nhs_number"] = match.get("_nhs_number") or ""
-    out["_source"] = source
-    return out
-
-
 def hub_matches(
     session: Session,
     level: str,
@@ -127,8 +136,13 @@ def hub_matches(
 ) -> list[dict[str, Any]]:
     """The index's matches; with ``fields``, only those keywords of each (and the hub's
     own references): a gateway asks for what its caller asked, not all the hub holds."""
-    keep = _RETURNED if fields is None else _RETURNED & set(fields)
-    return [_public(m, "hub", keep) for m in find(session, level, keys, scope, limit=limit)]
+    # As a match leaves the hub: DICOM keywords, the institution and the NHS number.
+    keep = (_RETURNED if fields is None else _RETURNED & set(fields)) | _SHOWN_REFERENCES
+    matches = find(session, level, keys, scope, limit=limit, fields=keep)
+    for match in matches:
+        match["_nhs_number"] = match["_nhs_number"] or ""
+        match["_source"] = "hub"
+    return matches
 
 
 def only(matches: list[dict[str, Any]], fields: list[str] | None) -> list[dict[str, Any]]:
