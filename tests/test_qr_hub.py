@@ -105,6 +105,38 @@ def test_merge_keeps_the_hubs_answer_once() -> None:
     assert len(services.merge("STUDY", hub, pacs, limit=1)) == 1
 
 
+def test_a_pacs_answer_keeps_text_keywords_and_those_asked_for() -> None:
+    answer = [
+        {
+            "StudyInstanceUID": "1.1",
+            "PatientID": 7,
+            "ModalitiesInStudy": ["CT", "MR"],
+            "StudyDescription": "x" * 2000,
+            "_nhs_number": "9434765919",
+            "_institution": "forged",
+            "lowercase": "dropped",
+            "PatientName": {"not": "text"},
+        },
+        {"StudyInstanceUID": "1.2", "_nhs_number": "not digits"},
+    ]
+    cleaned = services.pacs_matches(answer, "SEG")
+    assert cleaned[0] == {
+        "StudyInstanceUID": "1.1",
+        "PatientID": "7",
+        "ModalitiesInStudy": ["CT", "MR"],
+        "StudyDescription": "x" * 1024,
+        "_institution": "SEG",
+        "_nhs_number": "9434765919",
+        "_source": "pacs",
+    }
+    assert cleaned[1]["_nhs_number"] == ""
+    narrowed = services.pacs_matches(answer, "SEG", {"StudyInstanceUID", "PatientName"})
+    assert narrowed == [
+        {"StudyInstanceUID": s, "_institution": "SEG", "_nhs_number": n, "_source": "pacs"}
+        for s, n in (("1.1", "9434765919"), ("1.2", ""))
+    ]
+
+
 def _task(net: InProcessHub, code: str, kind: TaskKind, **request: Any) -> str:
     with net.hub.sessions() as session, session.begin():
         task = services.create_task(

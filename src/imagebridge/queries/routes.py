@@ -203,7 +203,8 @@ def _start_find(hub: Hub, actor: Actor, body: QueryIn) -> _Started:
 
 def _finish_find(hub: Hub, actor: Actor, body: QueryIn, started: _Started) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
-        answered, unanswered = services.collect(session, started.tasks, hub.clock())
+        fields = None if body.fields is None else set(body.fields)
+        answered, unanswered = services.collect(session, started.tasks, hub.clock(), fields)
         return _answer(session, actor, body, started, answered, unanswered)
 
 
@@ -216,7 +217,7 @@ def _answer(
     unanswered: list[str],
 ) -> dict[str, Any]:
     """The matches of the hub and of the PACS that answered, merged and audited."""
-    from_pacs = services.only([m for ms in answered.values() for m in ms], body.fields)
+    from_pacs = [m for ms in answered.values() for m in ms]
     matches = services.merge(body.level, started.hub, from_pacs, limit=body.limit)
     # Looked up before the events are recorded, so that both are written in one flush.
     local_ids = _local_ids_of(session, actor, matches)

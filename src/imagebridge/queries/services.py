@@ -8,6 +8,7 @@ picks the institutions whose PACS a query is forwarded to.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -145,21 +146,18 @@ def hub_matches(
     return matches
 
 
-def only(matches: list[dict[str, Any]], fields: list[str] | None) -> list[dict[str, Any]]:
-    """PACS's matches with only these keywords (and the hub's references); all if None."""
-    if fields is None:
-        return matches
-    keep = set(fields)
-    return [{k: v for k, v in m.items() if k in keep or k.startswith("_")} for m in matches]
-
-
-def pacs_matches(matches: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
-    """A gateway's answer, cleaned: only DICOM keywords with text values, and its origin."""
+def pacs_matches(
+    matches: list[dict[str, Any]], code: str, fields: Collection[str] | None = None
+) -> list[dict[str, Any]]:
+    """A gateway's answer, cleaned: only DICOM keywords with text values (those of
+    ``fields``, when given), and its origin."""
     out = []
     for match in matches:
         clean: dict[str, Any] = {}
         for keyword, value in match.items():
             if not keyword.isalnum() or not keyword[:1].isupper():
+                continue
+            if fields is not None and keyword not in fields:
                 continue
             if isinstance(value, list):
                 clean[keyword] = [str(v)[:1024] for v in value[:64]]
@@ -355,10 +353,11 @@ def finished(session: Session, ids: list[str]) -> bool:
 
 
 def collect(
-    session: Session, ids: list[str], now: datetime
+    session: Session, ids: list[str], now: datetime, fields: Collection[str] | None = None
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
-    """The matches of each answered find task by institution code, and the institutions that
-    did not answer in time (their tasks expire: a late answer is refused)."""
+    """The matches of each answered find task by institution code (with only the keywords
+    of ``fields``, when given), and the institutions that did not answer in time (their
+    tasks expire: a late answer is refused)."""
     answered: dict[str, list[dict[str, Any]]] = {}
     unanswered: list[str] = []
     if not ids:
@@ -371,7 +370,7 @@ def collect(
     ).all()
     for task, code in rows:
         if task.status == TaskStatus.done:
-            answered[code] = pacs_matches(task.result.get("matches", []), code)
+            answered[code] = pacs_matches(task.result.get("matches", []), code, fields)
         else:
             if task.status not in FINISHED:
                 finish_task(task, TaskStatus.expired, now, error="no answer in time")
