@@ -752,11 +752,25 @@ def incompleteness(transfer: Transfer) -> str:
 
 def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
     """The transfer as the API shows it."""
+    # The two institutions named, not the whole directory (hundreds in a national network);
+    # the studies as columns, not ORM objects: create and close answer with this.
+    parties = {transfer.sender_institution_id, transfer.receiver_institution_id}
     codes: dict[int, str] = {
-        i: code for i, code in session.execute(select(Institution.id, Institution.code))
+        i: code
+        for i, code in session.execute(
+            select(Institution.id, Institution.code).where(Institution.id.in_(parties))
+        )
     }
     studies = session.execute(
-        select(Study, Patient)
+        select(
+            Study.study_instance_uid,
+            Patient.patient_id,
+            Patient.patient_name,
+            Patient.nhs_number,
+            Study.study_date,
+            Study.accession_number,
+            Study.study_description,
+        )
         .join(TransferStudy, TransferStudy.study_id == Study.id)
         .join(Patient, Patient.id == Study.patient_ref)
         .where(TransferStudy.transfer_id == transfer.id)
@@ -790,14 +804,14 @@ def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
         "studies": [
             {
                 "study_instance_uid": s.study_instance_uid,
-                "patient_id": p.patient_id,
-                "patient_name": p.patient_name,
-                "nhs_number": p.nhs_number,
+                "patient_id": s.patient_id,
+                "patient_name": s.patient_name,
+                "nhs_number": s.nhs_number,
                 "study_date": s.study_date,
                 "accession_number": s.accession_number,
                 "study_description": s.study_description,
             }
-            for s, p in studies
+            for s in studies
         ],
         "reports": [
             {
