@@ -78,9 +78,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    # The most recently used connection first: it has this process's statements prepared
-    # (psycopg prepares one after its fifth use on a connection) and the catalog cached;
-    # handing connections out in turn would keep every one of them cold.
+    # pool_use_lifo (both backends): the most recently used connection first. It has this
+    # process's statements prepared (psycopg prepares one after its fifth use on a
+    # connection; SQLite caches them per connection); handed out in turn, all stay cold.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_use_lifo=True)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from imagebridge.agreements.models import Agreement
@@ -13,19 +13,22 @@ from imagebridge.institutions.models import Institution
 CONSENT_PARTIES = ("sender", "receiver")
 
 
+def in_force() -> ColumnElement[bool]:
+    """The condition on Agreement that it is in force: signed and not withdrawn."""
+    return Agreement.withdrawn_at.is_(None)
+
+
 def active_agreement(session: Session, institution_id: int) -> Agreement | None:
     return session.scalar(
         select(Agreement)
-        .where(Agreement.institution_id == institution_id, Agreement.withdrawn_at.is_(None))
+        .where(Agreement.institution_id == institution_id, in_force())
         .order_by(Agreement.id.desc())
         .limit(1)
     )
 
 
 def institutions_in_force(session: Session) -> set[int]:
-    return set(
-        session.scalars(select(Agreement.institution_id).where(Agreement.withdrawn_at.is_(None)))
-    )
+    return set(session.scalars(select(Agreement.institution_id).where(in_force())))
 
 
 def record_agreement(
@@ -65,9 +68,7 @@ def withdraw(
 ) -> int:
     """Withdraw every agreement in force for the institution; returns how many."""
     rows = session.scalars(
-        select(Agreement).where(
-            Agreement.institution_id == institution.id, Agreement.withdrawn_at.is_(None)
-        )
+        select(Agreement).where(Agreement.institution_id == institution.id, in_force())
     ).all()
     for a in rows:
         a.withdrawn_at, a.withdrawn_by, a.withdrawn_reason = now, by, reason

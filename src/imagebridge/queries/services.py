@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
 from imagebridge.agreements.models import Agreement
+from imagebridge.agreements.services import in_force
 from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.index.models import Instance, Series, Study
@@ -82,7 +83,7 @@ def network_scope(
     rows = session.execute(
         select(Agreement.institution_id, answering)
         .where(
-            Agreement.withdrawn_at.is_(None),
+            in_force(),
             or_(
                 Agreement.institution_id == institution_id,
                 Agreement.institution_id.in_(discovery_sources(institution_id)),
@@ -90,10 +91,10 @@ def network_scope(
         )
         .distinct()
     ).all()
-    in_force = {row[0] for row in rows}
-    if institution_id not in in_force:
+    signed = {row[0] for row in rows}
+    if institution_id not in signed:
         return home
-    scope = Scope(frozenset(in_force), institution_id)
+    scope = Scope(frozenset(signed), institution_id)
     asked = {row[0] for row in rows if row[1]} - {institution_id}
     if not asked:
         return scope, []
