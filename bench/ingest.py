@@ -1,8 +1,8 @@
 """Benchmark: the hub's ingest, on each database and blob store, beside Orthanc's STOW-RS.
 
-The hub is driven as gateways drive it (the gateway's own HubClient: open a transfer, ask
-which blobs are missing, upload framed batches, close), with newly generated studies, so
-every byte is new to the store. Measured in the same run, on the same data:
+The hub is driven as gateways drive it (the gateway's own HubClient: open a transfer and
+ask which of the first batch's blobs are missing, upload framed batches, close), with newly
+generated studies, so every byte is new to the store. Measured in the same run, on the same data:
 
   - Orthanc STOW-RS:                 one POST /dicom-web/studies per study
   - SQLite + folder, 1 hub
@@ -198,7 +198,16 @@ def digests(study: StudyFiles) -> list[str]:
 
 
 def send_study(client: HubClient, study: StudyFiles) -> None:
-    """As the gateway's uploader does: open, upload the missing bytes in batches, close."""
+    """As the gateway's uploader does: open with the first batch's digests (the answer says
+    which blobs the hub lacks), upload the missing bytes in batches, close."""
+    batches: list[list[tuple[str, Path]]] = [[]]
+    size = 0
+    for path, sha in zip(study.paths, digests(study), strict=True):
+        if len(batches[-1]) >= BATCH_INSTANCES or size >= BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append((sha, path))
+        size += path.stat().st_size
     made = client.create_transfer(
         receiver=RECEIVER,
         priority="routine",
@@ -206,27 +215,18 @@ def send_study(client: HubClient, study: StudyFiles) -> None:
         calling_ae_title="BENCH",
         idempotency_key=uuid.uuid4().hex,
         reason="benchmark",
+        sha256=[sha for sha, _ in batches[0]],
     )
-    batch: list[tuple[str, Path]] = []
-    size = 0
-
-    def flush() -> None:
-        missing = client.missing([sha for sha, _ in batch])
+    missing: set[str] | None = set(made["missing"])
+    for batch in batches:
+        if missing is None:
+            missing = client.missing([sha for sha, _ in batch])
         result = client.upload(
             made["id"], [(sha, path if sha in missing else None) for sha, path in batch]
         )
         if result["refused"]:
             raise RuntimeError(f"the hub refused {result['refused'][:1]}")
-        batch.clear()
-
-    for path, sha in zip(study.paths, digests(study), strict=True):
-        batch.append((sha, path))
-        size += path.stat().st_size
-        if len(batch) >= BATCH_INSTANCES or size >= BATCH_BYTES:
-            flush()
-            size = 0
-    if batch:
-        flush()
+        missing = None
     client.close_transfer(
         made["id"],
         {"instances_declared": len(study.paths), "declared_by": "gateway", "interrupted": False},

@@ -327,6 +327,13 @@ def test_sending_a_study_again_uploads_no_instance_bytes(
         r = c.post("/api/v1/gateway/blobs/missing", json={"sha256": [*digests, unknown]})
         assert r.status_code == 200
         assert r.json()["missing"] == [unknown]
+        # Opening a transfer asks the same question for its first batch.
+        opening = {"receiver": "RVH", "origin": "dicom", "sha256": [*digests, unknown]}
+        r = c.post("/api/v1/transfers", json=opening)
+        assert r.status_code == 201 and r.json()["missing"] == [unknown]
+    with net.admin() as admin:
+        r = admin.post("/api/v1/transfers", json={**opening, "sender": "SEG"})
+        assert r.status_code == 422 and "only a gateway" in r.json()["detail"]
 
     before = hub_link.sent
     send(seg, "IB_RVH", study)

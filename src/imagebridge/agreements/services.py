@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
 from imagebridge.agreements.models import Agreement
@@ -27,8 +27,13 @@ def active_agreement(session: Session, institution_id: int) -> Agreement | None:
     )
 
 
+def signed_ids() -> Select[int]:
+    """The institutions with an agreement in force, as a subquery for IN."""
+    return select(Agreement.institution_id).where(in_force())
+
+
 def institutions_in_force(session: Session) -> set[int]:
-    return set(session.scalars(select(Agreement.institution_id).where(in_force())))
+    return set(session.scalars(signed_ids()))
 
 
 def record_agreement(
@@ -78,10 +83,14 @@ def withdraw(
 def exchange_refusal(session: Session, *institution_ids: int) -> str | None:
     """Why these institutions may not exchange now, or None when every one has an agreement
     in force."""
-    in_force = institutions_in_force(session)
+    # Only these institutions' agreements: a national directory has hundreds.
+    signed = set(session.scalars(signed_ids().where(Agreement.institution_id.in_(institution_ids))))
     for institution_id in institution_ids:
-        if institution_id not in in_force:
+        if institution_id not in signed:
             institution = session.get(Institution, institution_id)
-            code = institution.code if institution else str(institution_id)
-            return f"institution {code} has no signed data sharing agreement in force"
+            return no_agreement(institution.code if institution else str(institution_id))
     return None
+
+
+def no_agreement(code: str) -> str:
+    return f"institution {code} has no signed data sharing agreement in force"

@@ -33,7 +33,7 @@ from imagebridge.dicomweb.multipart import MultipartError, MultipartReader, Part
 from imagebridge.dicomweb.pixels import FrameNotFound, PixelError
 from imagebridge.dicomweb.rendering import Rendering, RenderingError
 from imagebridge.dicomweb.wado import NotAcceptable, NotFound, Target
-from imagebridge.hub.auth import Sender, get_hub, require
+from imagebridge.hub.auth import Sender, get_hub, hub_of, require
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import Located
 from imagebridge.retention.models import BlobRemoval, RemovalState
@@ -61,7 +61,7 @@ def _answers() -> Iterator[None]:
 
 def _base_url(request: Request) -> str:
     """Where links in answers point: the configured public URL, else this request's."""
-    public = get_hub(request).settings.public_url
+    public = hub_of(request).settings.public_url
     if public:
         return public.rstrip("/") + router.prefix
     base = request.base_url

@@ -79,8 +79,6 @@ class Uploader:
         )
         self._forward_journal()
         for t in self.spool.by_priority():
-            if t.hub_id is None and not self._open_on_hub(t):
-                return True
             batch = self.spool.take_batch(
                 t,
                 self.settings.upload_batch_instances,
@@ -88,8 +86,15 @@ class Uploader:
                 min_items=MIN_BATCH_INSTANCES,
                 settle=SETTLE_SECONDS,
             )
+            missing: set[str] | None = None
+            if t.hub_id is None:
+                if not batch and not self.spool.ready_to_finish(t):
+                    continue  # opened with its first batch: one request less
+                missing = self._open_on_hub(t, batch)
+                if missing is None:
+                    return True
             if batch:
-                self._upload(t, batch)
+                self._upload(t, batch, missing)
                 return True
             if self.spool.ready_to_finish(t):
                 assert t.hub_id is not None
@@ -98,7 +103,10 @@ class Uploader:
                 return True
         return False
 
-    def _open_on_hub(self, t: Outbound) -> bool:
+    def _open_on_hub(self, t: Outbound, batch: list[tuple[str, Path]]) -> set[str] | None:
+        """Open the transfer on the hub, asking which of the first batch's blobs it lacks;
+        None when the hub will never take the transfer."""
+        shas = [sha for sha, _ in batch]
         try:
             made = self.hub.create_transfer(
                 receiver=t.destination,
@@ -107,24 +115,33 @@ class Uploader:
                 calling_ae_title=t.calling_ae_title,
                 idempotency_key=t.local_id,
                 reason=f"sent by {t.calling_ae_title}",
+                sha256=shas,
             )
         except HubError as exc:
             # The hub will never take this transfer (e.g. unknown destination): set aside.
+            self.spool.release(t, shas)
             log.error("hub refused a transfer: %s", exc)
             for sha in list(t.pending):
                 self.spool.refuse(t, sha, str(exc))
             self.journal.write("transfer:transfer:refused", "failure", reason=str(exc))
             if t.closed:
                 self.spool.finish(t)
-            return False
+            return None
+        except BaseException:
+            self.spool.release(t, shas)
+            raise
         self.spool.set_hub_id(t, made["id"])
-        return True
+        return set(made.get("missing", ()))
 
-    def _upload(self, t: Outbound, batch: list[tuple[str, Path]]) -> None:
+    def _upload(
+        self, t: Outbound, batch: list[tuple[str, Path]], missing: set[str] | None = None
+    ) -> None:
+        """``missing``: which of the batch's blobs the hub lacks, if already asked."""
         assert t.hub_id is not None
         shas = [sha for sha, _ in batch]
         try:
-            missing = self.hub.missing(shas)
+            if missing is None:
+                missing = self.hub.missing(shas)
             result = self.hub.upload(
                 t.hub_id,
                 [(sha, path if sha in missing else None) for sha, path in batch],

@@ -12,11 +12,12 @@ import hashlib
 import hmac
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from imagebridge.accounts import services as accounts
 from imagebridge.accounts.permissions import BOOTSTRAP_PERMISSIONS, Permission
@@ -36,9 +37,14 @@ _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_hub(request: Request) -> Hub:
+def hub_of(request: Request) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
+
+
+async def get_hub(request: Request) -> Hub:
+    """As a dependency: async, so that resolving it takes no trip to a worker thread."""
+    return hub_of(request)
 
 
 def client_address(request: Request) -> str:
@@ -54,6 +60,21 @@ def _unauthorized(reason: str) -> HTTPException:
 # A gateway calls many times a second; remembering a verified token briefly keeps the
 # database out of the hot path. A revocation takes effect within this time.
 TOKEN_CACHE_SECONDS = 5.0
+
+
+def _cached_gateway(
+    request: Request, credentials: HTTPAuthorizationCredentials | None
+) -> Actor | None:
+    """A gateway whose token was verified moments ago: known without the database, so
+    without a trip to a worker thread (gateways make most of the hub's requests)."""
+    if credentials is None or not credentials.credentials.startswith("ibg_"):
+        return None
+    cached = hub_of(request).token_cache.get(token_digest(credentials.credentials))
+    if cached is None or cached[2] < time.monotonic():
+        return None
+    actor = Actor("gateway", cached[0], cached[1], client_address(request), GATEWAY_PERMISSIONS)
+    request.state.actor = actor
+    return actor
 
 
 def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
@@ -147,7 +168,7 @@ def identify(
     request: Request, credentials: HTTPAuthorizationCredentials | None, *, complete: bool = True
 ) -> Actor:
     """The caller, from a bearer token or the session cookie; 401 when there is neither."""
-    hub = get_hub(request)
+    hub = hub_of(request)
     if credentials is not None:
         actor = _token_actor(request, hub, credentials.credentials)
     else:
@@ -159,15 +180,17 @@ def identify(
     return actor
 
 
-Check = Callable[[Request, HTTPAuthorizationCredentials | None], Actor]
+Check = Callable[[Request, HTTPAuthorizationCredentials | None], Awaitable[Actor]]
 
 
 def require(*permissions: Permission) -> Check:
     """A check that passes callers holding any one of the permissions."""
     wanted = frozenset(p.value for p in permissions)
 
-    def check(request: Request, credentials: Credentials) -> Actor:
-        actor = identify(request, credentials)
+    async def check(request: Request, credentials: Credentials) -> Actor:
+        actor = _cached_gateway(request, credentials)
+        if actor is None:
+            actor = await run_in_threadpool(identify, request, credentials)
         if not actor.permissions & wanted:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN,
@@ -190,9 +213,9 @@ def require_page(*permissions: Permission) -> Check:
     A script's bearer token is refused as the API refuses it."""
     api_check = require(*permissions)
 
-    def check(request: Request, credentials: Credentials) -> Actor:
+    async def check(request: Request, credentials: Credentials) -> Actor:
         try:
-            return api_check(request, credentials)
+            return await api_check(request, credentials)
         except PageRefused:
             raise
         except HTTPException as exc:
@@ -208,13 +231,20 @@ def require_page(*permissions: Permission) -> Check:
     return check
 
 
-def require_gateway(request: Request, credentials: Credentials) -> Actor:
+async def require_gateway(request: Request, credentials: Credentials) -> Actor:
     """A gateway, identified by its own token; acts for its institution only."""
+    actor = _cached_gateway(request, credentials)
+    if actor is None:
+        actor = await run_in_threadpool(_require_gateway, request, credentials)
+    return actor
+
+
+def _require_gateway(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Actor:
     if credentials is None:
         if request.cookies.get(SESSION_COOKIE):
             raise HTTPException(403, "for gateways only")
         raise _unauthorized("authentication required")
-    actor = _token_actor(request, get_hub(request), credentials.credentials)
+    actor = _token_actor(request, hub_of(request), credentials.credentials)
     request.state.actor = actor
     if actor.kind != "gateway":
         raise HTTPException(403, "for gateways only")
@@ -243,7 +273,7 @@ def require_scraper(request: Request, credentials: Credentials) -> None:
         if request.cookies.get(SESSION_COOKIE):
             raise HTTPException(403, SCRAPER_ONLY)
         raise _unauthorized("authentication required")
-    expected = get_hub(request).settings.metrics.scrape_token.get_secret_value()
+    expected = hub_of(request).settings.metrics.scrape_token.get_secret_value()
     # Compared as digests: equal lengths, so the time taken says nothing about the token.
     given = hashlib.sha256(credentials.credentials.encode()).digest()
     if not expected or not hmac.compare_digest(given, hashlib.sha256(expected.encode()).digest()):

@@ -17,15 +17,15 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from imagebridge.actors import Actor
-from imagebridge.agreements.services import exchange_refusal
+from imagebridge.agreements.services import institutions_in_force, no_agreement
 from imagebridge.audit.services import record
 from imagebridge.hub.auth import GatewayActor, get_hub, public
 from imagebridge.hub.state import Hub
 from imagebridge.institutions.models import Institution
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.patients import services as patient_index
-from imagebridge.storage.blobs import is_digest
 from imagebridge.storage.models import Blob
+from imagebridge.storage.services import missing_blobs
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import CHUNK, FRAME_HEADER_SIZE, MEDIA_TYPE, frame_header
 from imagebridge.transfers.models import Report, Transfer, TransferInstance
@@ -67,12 +67,14 @@ def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session:
         institutions = session.scalars(select(Institution).order_by(Institution.code)).all()
         me = next(i for i in institutions if i.id == actor.institution_id)
+        # One read of the agreements for the whole directory (hundreds of institutions).
+        signed = institutions_in_force(session)
         routes = []
         for i in institutions:
             if i.id == me.id:
                 continue
             # The gateway refuses a C-STORE to a destination the hub would refuse.
-            refusal = exchange_refusal(session, i.id) or ""
+            refusal = "" if i.id in signed else no_agreement(i.code)
             routes.append(
                 {
                     "ae_title": i.routing_ae_title,
@@ -93,7 +95,7 @@ def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
         return {
             "institution": me.code,
             "name": me.name,
-            "refusal": exchange_refusal(session, me.id) or "",
+            "refusal": "" if me.id in signed else no_agreement(me.code),
             "routes": routes,
         }
 
@@ -101,10 +103,8 @@ def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
 @router.post("/gateway/blobs/missing")
 def missing(body: Digests, actor: GatewayActor, hub: HubDep) -> dict[str, list[str]]:
     """Which of these blobs the hub does not hold yet: only those need uploading."""
-    wanted = [d for d in dict.fromkeys(body.sha256) if is_digest(d)]
     with hub.sessions() as session:
-        held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
-    return {"missing": [d for d in wanted if d not in held or not hub.blobs.exists(d)]}
+        return {"missing": missing_blobs(session, hub.blobs, body.sha256)}
 
 
 @router.post("/gateway/blobs", response_class=StreamingResponse)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from imagebridge.db import insert_missing
+from imagebridge.storage.blobs import BlobStore, is_digest
 from imagebridge.storage.models import Blob
+
+
+def missing_blobs(session: Session, blobs: BlobStore, digests: Iterable[str]) -> list[str]:
+    """Which of these blobs the hub does not hold yet (only those need uploading), in the
+    order given, each once; what is not a digest is left out."""
+    wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
+    held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
+    return [d for d in wanted if d not in held or not blobs.exists(d)]
 
 
 def ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:

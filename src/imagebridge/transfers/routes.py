@@ -23,7 +23,7 @@ from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
 from imagebridge.retention.models import BlobRemoval, RemovalState
 from imagebridge.storage.blobs import BlobMismatch, BlobStore, BlobWriter
-from imagebridge.storage.services import ensure_blob_rows
+from imagebridge.storage.services import ensure_blob_rows, missing_blobs
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import (
     MEDIA_TYPE,
@@ -58,6 +58,12 @@ class TransferIn(BaseModel):
     origin: Literal["api", "dicom"] = "api"
     calling_ae_title: str = Field("", max_length=16)
     idempotency_key: str | None = Field(None, max_length=64)
+    sha256: list[str] = Field(
+        default_factory=list,
+        max_length=10000,
+        description="A gateway's first instances to upload, by digest: the answer's "
+        "'missing' names those the hub lacks (as POST /gateway/blobs/missing would)",
+    )
 
 
 class OutcomeIn(BaseModel):
@@ -72,9 +78,12 @@ class DeliveriesIn(BaseModel):
     reports: list[OutcomeIn] = Field(default_factory=list, max_length=1000)
 
 
-def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Transfer:
-    """The transfer, if this caller may act on it as one of the given roles."""
-    transfer = session.get(Transfer, transfer_id)
+def _load(
+    session: Session, transfer_id: str, actor: Actor, *roles: str, hold: bool = False
+) -> Transfer:
+    """The transfer, if this caller may act on it as one of the given roles; with ``hold``,
+    its row held for a change (services._take_turn)."""
+    transfer = services.hold(session, transfer_id) if hold else session.get(Transfer, transfer_id)
     if transfer is None:
         raise HTTPException(403, NOT_YOURS)
     if actor.network_wide:
@@ -91,6 +100,8 @@ def _load(session: Session, transfer_id: str, actor: Actor, *roles: str) -> Tran
 
 @router.post("/transfers", status_code=201)
 def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
+    if body.sha256 and actor.kind != "gateway":
+        raise HTTPException(422, "only a gateway uploads instances: sha256 is for gateways")
     with hub.sessions() as session, session.begin():
         if not actor.network_wide:
             sender = session.get(Institution, actor.institution_id)
@@ -107,7 +118,7 @@ def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
         if refusal:
             raise HTTPException(403, refusal)
         try:
-            transfer, _ = services.create_transfer(
+            transfer, made = services.create_transfer(
                 session,
                 sender=sender,
                 receiver=receiver,
@@ -135,7 +146,12 @@ def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
             if gone:
                 # Accepted, it could never be delivered.
                 raise HTTPException(409, RETAINED_AWAY)
-        out = services.describe(session, transfer)
+        # Made just now from nothing: it carries no study or report to read back.
+        empty = made and not body.study_instance_uids
+        out = services.describe(session, transfer, (sender, receiver) if empty else None)
+        if body.sha256:
+            # Asked with the opening, the first batch costs the gateway one request less.
+            out["missing"] = missing_blobs(session, hub.blobs, body.sha256)
         receiver_id = receiver.id
     hub.notifier.nudge(receiver_id)
     return out
@@ -200,7 +216,7 @@ def close(
         else None
     )
     with hub.sessions() as session, session.begin():
-        transfer = _load(session, transfer_id, actor, "sender")
+        transfer = _load(session, transfer_id, actor, "sender", hold=True)
         services.close_transfer(session, transfer, actor, declared)
         out = services.describe(session, transfer)
         receiver_id = transfer.receiver_institution_id
@@ -211,7 +227,7 @@ def close(
 @router.post("/transfers/{transfer_id}/retry")
 def retry(transfer_id: str, actor: Tracker, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
-        transfer = _load(session, transfer_id, actor, "sender", "receiver")
+        transfer = _load(session, transfer_id, actor, "sender", "receiver", hold=True)
         services.retry_failed(session, transfer, actor)
         out = services.describe(session, transfer)
         receiver_id = transfer.receiver_institution_id
@@ -225,7 +241,7 @@ def deliveries(
 ) -> dict[str, Any]:
     """The receiving gateway reports what reached its PACS."""
     with hub.sessions() as session, session.begin():
-        transfer = _load(session, transfer_id, actor, "receiver")
+        transfer = _load(session, transfer_id, actor, "receiver", hold=True)
         services.record_deliveries(
             session,
             transfer,
@@ -425,7 +441,7 @@ def _ingest(
         else:
             ready.append((header, outcome[0], outcome[1]))
     with hub.sessions() as session, session.begin():
-        transfer = _load(session, transfer_id, actor, "sender")
+        transfer = _load(session, transfer_id, actor, "sender", hold=True)
         ensure_blob_rows(session, {sha: size for _, sha, size in ready})
         try:
             result = services.add_instances(session, transfer, ready, actor)

@@ -12,7 +12,7 @@ from sqlalchemy import Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
-from imagebridge.agreements.services import institutions_in_force
+from imagebridge.agreements.services import exchange_refusal, signed_ids
 from imagebridge.audit.services import record
 from imagebridge.db import utcnow
 from imagebridge.dicom.part10 import Header
@@ -43,6 +43,19 @@ class TransferError(ValueError):
     """A request the transfer engine refuses, with the reason in plain words."""
 
 
+# Which transaction holds which transfer's row (session.info: per session, so per request).
+_HELD = "imagebridge.transfers.held"
+
+
+def hold(session: Session, transfer_id: str) -> Transfer | None:
+    """The transfer, read afresh and held to the end of the transaction: a later turn on it
+    in the same transaction need not read it again."""
+    transfer = session.get(Transfer, transfer_id, with_for_update=True)
+    if transfer is not None:
+        session.info.setdefault(_HELD, {})[transfer.id] = session.get_transaction()
+    return transfer
+
+
 def _take_turn(session: Session, transfer: Transfer) -> None:
     """Hold the transfer's row to the end of the transaction, reading it afresh.
 
@@ -50,7 +63,9 @@ def _take_turn(session: Session, transfer: Transfer) -> None:
     its status. On PostgreSQL two at once would both start from the same old values; SQLite
     has one writer at a time anyway (and no row locks: there this is a plain reread).
     """
-    session.refresh(transfer, with_for_update=True)
+    held = session.info.get(_HELD, {})
+    if held.get(transfer.id) is not session.get_transaction():
+        session.refresh(transfer, with_for_update=True)
 
 
 def create_transfer(
@@ -417,15 +432,14 @@ def next_work(
     now = utcnow()
     free = or_(TransferInstance.lease_until.is_(None), TransferInstance.lease_until < now)
     # A withdrawn agreement stops delivery at once, on either side.
-    in_force = institutions_in_force(session)
-    if receiver_id not in in_force:
+    if exchange_refusal(session, receiver_id):
         return None
     transfers = session.scalars(
         select(Transfer)
         .where(
             Transfer.receiver_institution_id == receiver_id,
             Transfer.status.in_(OPEN_STATUSES),
-            Transfer.sender_institution_id.in_(in_force),
+            Transfer.sender_institution_id.in_(signed_ids()),
         )
         .order_by(Transfer.priority_rank, Transfer.created_at)
     ).all()
@@ -750,15 +764,24 @@ def incompleteness(transfer: Transfer) -> str:
     return ""
 
 
-def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
-    """The transfer as the API shows it."""
+def describe(
+    session: Session, transfer: Transfer, parties: tuple[Institution, Institution] | None = None
+) -> dict[str, Any]:
+    """The transfer as the API shows it. ``parties``: its sender and receiver, when the
+    caller has them and the transfer was just made empty (no studies or reports to read)."""
     # The two institutions named, not the whole directory (hundreds in a national network);
     # the studies as columns, not ORM objects: create and close answer with this.
-    parties = {transfer.sender_institution_id, transfer.receiver_institution_id}
-    codes: dict[int, str] = {
+    if parties is not None:
+        codes = {i.id: i.code for i in parties}
+        return _described(transfer, codes, [], [])
+    codes = {
         i: code
         for i, code in session.execute(
-            select(Institution.id, Institution.code).where(Institution.id.in_(parties))
+            select(Institution.id, Institution.code).where(
+                Institution.id.in_(
+                    {transfer.sender_institution_id, transfer.receiver_institution_id}
+                )
+            )
         )
     }
     studies = session.execute(
@@ -776,6 +799,12 @@ def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
         .where(TransferStudy.transfer_id == transfer.id)
         .order_by(TransferStudy.id)
     ).all()
+    return _described(transfer, codes, studies, transfer.reports)
+
+
+def _described(
+    transfer: Transfer, codes: dict[int, str], studies: Sequence[Any], reports: Sequence[Report]
+) -> dict[str, Any]:
     return {
         "id": transfer.id,
         "sender": codes.get(transfer.sender_institution_id),
@@ -823,6 +852,6 @@ def describe(session: Session, transfer: Transfer) -> dict[str, Any]:
                 "detail": r.detail,
                 "delivered_sop_instance_uid": r.delivered_sop_instance_uid,
             }
-            for r in transfer.reports
+            for r in reports
         ],
     }
