@@ -228,6 +228,56 @@ def test_storescu_study_reaches_the_receiving_pacs_complete(
         assert ds.AccessionNumber == "SEG-ACC0001"
 
 
+def _peak_rss_reset(pid: int) -> None:
+    """Start the process's peak resident size (VmHWM) again from its present size."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_very_large_instance_is_received_to_disk_not_held_in_memory(
+    gateways: Gateways, mini_pacs: Callable[[str, int | None], MiniPacs], tmp_path: Path
+) -> None:
+    """A 134 MB instance (large tomosynthesis and whole-slide objects reach gigabytes) goes
+    to the spool as it arrives: the gateway's peak memory grows by far less than its size,
+    and it reaches the receiving PACS whole."""
+    pacs = _rvh_pacs(gateways, mini_pacs)
+    study = generate_ct_study(tmp_path / "study", slices=1, patient_id="SEG5151")
+    ds = pydicom.dcmread(study.paths[0])
+    ds.Rows = ds.Columns = 8192
+    ds.PixelData = os.urandom(8192 * 8192 * 2)
+    ds.save_as(study.paths[0])
+    size_mb = study.paths[0].stat().st_size / 2**20
+    seg = gateways.net.gateways["SEG"].process.pid
+    _peak_rss_reset(seg)
+    before = _peak_rss_mb(seg)
+
+    result = _dcmtk(
+        STORESCU,
+        "-aet",
+        CALLING_AE,
+        "-aec",
+        "IB_RVH",
+        "127.0.0.1",
+        str(gateways.seg_port),
+        str(study.paths[0]),
+    )
+    assert result.returncode == 0, result.stderr
+    _wait_delivered(gateways.net, study.study_instance_uid)
+    grown = _peak_rss_mb(seg) - before
+    assert grown < size_mb / 2, (
+        f"the gateway grew by {grown:.0f} MB for a {size_mb:.0f} MB instance"
+    )
+    (received,) = _wait_for_files(pacs, 1)
+    assert pydicom.dcmread(received).PixelData == ds.PixelData
+    assert not list((gateways.net.root / "gateway-SEG" / "data" / "spool" / "tmp").iterdir())
+
+
 def _testdata(names: list[str]) -> dict[str, Path]:
     """Paths of pydicom's bundled files by name (listed without a pattern: a pattern makes
     pydicom try to download, and hang here)."""

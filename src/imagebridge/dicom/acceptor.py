@@ -22,10 +22,12 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from imagebridge.dicom.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from imagebridge.dicom.received import Received
 from imagebridge.dicom.ul import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -107,7 +109,10 @@ class StoreService(Protocol[A]):
 
     def echo(self, admitted: A) -> tuple[int, str]: ...
 
-    def store(self, admitted: A, request: StoreRequest, dataset: bytearray) -> tuple[int, str]: ...
+    def store(self, admitted: A, request: StoreRequest, dataset: Received) -> tuple[int, str]:
+        """``dataset``: whole, in memory or in a file; ``dataset.error`` if it could not be
+        kept."""
+        ...
 
     def find(
         self,
@@ -322,7 +327,7 @@ class PeerAborted(Exception):
 class _Message:
     context: Context
     command: dict[int, bytes]
-    dataset: bytearray = field(default_factory=bytearray)
+    dataset: Received
 
 
 class StoreAssociation(Generic[A]):
@@ -338,8 +343,11 @@ class StoreAssociation(Generic[A]):
         *,
         max_pdu: int,
         timeout: float,
+        spill_dir: Path | None = None,
     ) -> None:
+        """``spill_dir``: where a large C-STORE dataset is kept as it arrives (see Received)."""
         self.sock = sock
+        self.spill_dir = spill_dir
         self.accepted = accepted
         self.service = service
         self.admitted = admitted
@@ -366,6 +374,8 @@ class StoreAssociation(Generic[A]):
         except (OSError, ProtocolError, PeerAborted):
             pass  # the connection dropped or timed out, or the peer aborted
         finally:
+            if self._message is not None:  # an instance cut short: nothing of it is kept
+                self._message.dataset.discard()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
@@ -448,7 +458,9 @@ class StoreAssociation(Generic[A]):
                 context_id, C_ECHO_RSP, command, context.abstract_syntax, "", status, comment
             )
         elif field_ in (C_STORE_RQ, C_FIND_RQ) and has_dataset:
-            self._message = _Message(context, command)
+            # A C-FIND identifier is small: only an instance may go to disk.
+            spill = self.spill_dir if field_ == C_STORE_RQ else None
+            self._message = _Message(context, command, Received(spill))
         elif field_ == C_FIND_RQ:
             self._find(context_id, command, b"")  # no identifier: refused as unreadable
         else:
@@ -458,14 +470,14 @@ class StoreAssociation(Generic[A]):
         message = self._message
         if message is None or message.context.context_id != context_id:
             raise Aborted(UNEXPECTED_PDU)
-        message.dataset += data
+        message.dataset.append(data)
         if not last:
             return
         self._message = None
         _, syntax = self.accepted[context_id]
         command = message.command
         if _us(command, 0x00000100) == C_FIND_RQ:
-            self._find(context_id, command, bytes(message.dataset))
+            self._find(context_id, command, bytes(message.dataset.data))
             return
         request = StoreRequest(
             message_id=_us(command, 0x00000110),
@@ -474,7 +486,10 @@ class StoreAssociation(Generic[A]):
             priority=_us(command, 0x00000700),
             transfer_syntax_uid=syntax,
         )
-        status, comment = self.service.store(self.admitted, request, message.dataset)
+        try:
+            status, comment = self.service.store(self.admitted, request, message.dataset)
+        finally:
+            message.dataset.discard()
         self._answer(
             context_id,
             C_STORE_RSP,

@@ -30,6 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 
 from imagebridge.dicom.acceptor import StoreRequest
+from imagebridge.dicom.received import Received
 from imagebridge.dicom.ul import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def end_if_never_requested(assoc: Association) -> None:
         assoc.dul.to_user_queue.put(None)
 
 
-def c_store_of(event: evt.Event) -> tuple[StoreRequest, bytes]:
+def c_store_of(event: evt.Event) -> tuple[StoreRequest, Received]:
     """A pynetdicom C-STORE event as our acceptor gives one: the request and its dataset."""
     request = event.request
     assert isinstance(request, C_STORE) and request.DataSet is not None
@@ -118,7 +119,7 @@ def c_store_of(event: evt.Event) -> tuple[StoreRequest, bytes]:
         priority=int(request.Priority or 0),
         transfer_syntax_uid=str(event.context.transfer_syntax),
     )
-    return store, request.DataSet.getvalue()
+    return store, Received.whole(request.DataSet.getvalue())
 
 
 def _on_conn_open(event: evt.Event) -> None:

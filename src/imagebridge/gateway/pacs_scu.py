@@ -29,6 +29,7 @@ from imagebridge.dicom.net import (
     c_store_of,
 )
 from imagebridge.dicom.part10 import file_meta
+from imagebridge.dicom.received import Received
 from imagebridge.settings import PacsQueryRetrieve
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ class _Folder:
         self.files: list[Path] = []
         self._lock = threading.Lock()
 
-    def on_store(self, request: StoreRequest, dataset: bytes | bytearray) -> int:
+    def on_store(self, request: StoreRequest, dataset: Received) -> int:
         sop_instance = request.sop_instance_uid
         if not _is_uid(sop_instance):
             return CANNOT_UNDERSTAND
@@ -193,7 +194,8 @@ class _Folder:
         try:
             with open(tmp, "wb") as fh:
                 fh.write(meta)
-                fh.write(dataset)
+                fh.flush()
+                dataset.write_to(fh.fileno())
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
@@ -237,9 +239,7 @@ class MoveInbox:
         with self._lock:
             return calling_ae_title in self._expected
 
-    def c_store(
-        self, calling_ae_title: str, request: StoreRequest, dataset: bytes | bytearray
-    ) -> int:
+    def c_store(self, calling_ae_title: str, request: StoreRequest, dataset: Received) -> int:
         with self._lock:
             target = self._expected.get(calling_ae_title)
         if target is None:

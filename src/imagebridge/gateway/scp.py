@@ -41,6 +41,7 @@ from imagebridge.dicom.net import (
     storage_scp_ae,
 )
 from imagebridge.dicom.part10 import BadDataset, read_header
+from imagebridge.dicom.received import Received
 from imagebridge.dicom.ul import set_nodelay
 from imagebridge.gateway.journal import Journal
 from imagebridge.gateway.pacs_scu import MoveInbox
@@ -299,14 +300,14 @@ class StorageSCP:
         return SUCCESS, ""
 
     def store(
-        self, state: _AssociationState, request: StoreRequest, raw: bytearray | bytes
+        self, state: _AssociationState, request: StoreRequest, dataset: Received
     ) -> tuple[int, str]:
         """One C-STORE: checked, then durable in the spool before it is answered."""
         if state.called_ae_title == self.settings.ae_title and self.fetches.expects(
             state.calling_ae_title
         ):
             # Not a send to route: the PACS answering a fetch this gateway asked for.
-            status = self.fetches.c_store(state.calling_ae_title, request, raw)
+            status = self.fetches.c_store(state.calling_ae_title, request, dataset)
             return status, ""
         if "store" not in state.permissions:
             return self._refuse(state, NOT_AUTHORIZED, "C-STORE not permitted", "", "")
@@ -316,9 +317,11 @@ class StorageSCP:
         refusal = self.routing.refusal or route.refusal
         if refusal:
             return self._refuse(state, NOT_AUTHORIZED, refusal, "", "")
+        if dataset.error:  # the disk filled while a large instance arrived
+            return self._refuse(state, OUT_OF_RESOURCES, dataset.error, "", "")
         syntax = request.transfer_syntax_uid
         try:
-            header = read_header(raw, syntax)
+            header = read_header(dataset.data, syntax)
         except BadDataset as exc:
             return self._refuse(state, CANNOT_UNDERSTAND, str(exc), "", "")
         if header.sop_class_uid != request.sop_class_uid or (
@@ -339,7 +342,7 @@ class StorageSCP:
         priority = "urgent" if request.priority == 1 else route.priority  # 1 = HIGH
         try:
             self.spool.accept(
-                raw,
+                dataset,
                 sop_class_uid=header.sop_class_uid,
                 sop_instance_uid=header.sop_instance_uid,
                 transfer_syntax_uid=syntax,
@@ -473,6 +476,7 @@ class StorageSCP:
                 admitted,
                 max_pdu=self.settings.max_pdu,
                 timeout=self.ae.network_timeout or 60.0,
+                spill_dir=self.spool.tmp,  # the spool's disk: a large instance ends up there
             )
         except BaseException:
             self._give_back(1)

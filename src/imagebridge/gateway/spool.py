@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebridge.dicom.part10 import BadDataset, file_meta, read_header
+from imagebridge.dicom.received import Received
 from imagebridge.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,7 @@ def write_durably(path: Path, data: bytes | list[bytes], tmp_dir: Path) -> None:
     fsync_path(path.parent)
 
 
-def _write_instance(
-    final: Path, meta: bytes, dataset: bytes | bytearray, reuse: Path | None
-) -> None:
+def _write_instance(final: Path, meta: bytes, dataset: Received, reuse: Path | None) -> None:
     """Write straight to the final name, then fsync: one journal commit, not two.
 
     ``reuse``, a spent spool file, is renamed to the final name and written over: a new
@@ -151,15 +150,21 @@ def _write_instance(
             fsync_path(final)
             return
     try:
-        parts = [memoryview(meta), memoryview(dataset)]
+        data = dataset.data
+        if isinstance(data, Path):  # a large instance, received into a file
+            parts = [memoryview(meta)]
+        else:
+            parts = [memoryview(meta), memoryview(data)]
         while parts:  # one system call, unless the kernel takes only part
             written = os.writev(fd, parts)
             while parts and written >= len(parts[0]):
                 written -= len(parts.pop(0))
             if parts:
                 parts[0] = parts[0][written:]
+        if isinstance(data, Path):
+            dataset.write_to(fd)
         if reuse is not None:
-            os.ftruncate(fd, len(meta) + len(dataset))
+            os.ftruncate(fd, len(meta) + dataset.size)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -315,7 +320,7 @@ class Spool:
 
     def accept(
         self,
-        dataset: bytes | bytearray,
+        dataset: bytes | bytearray | Received,
         *,
         sop_class_uid: str,
         sop_instance_uid: str,
@@ -331,10 +336,12 @@ class Spool:
         ``association`` is the set of transfers the calling association has touched; a
         transfer stays open while any association that touched it is open.
         """
+        if not isinstance(dataset, Received):
+            dataset = Received.whole(dataset)
         meta = file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
-        self.check_space(len(meta) + len(dataset))
+        self.check_space(len(meta) + dataset.size)
         sha = hashlib.sha256(meta)
-        sha.update(dataset)
+        dataset.update(sha)
         digest = sha.hexdigest()
         t = self._transfer_for(
             destination, priority, study_instance_uid, calling_ae_title, association

@@ -50,7 +50,7 @@ _HELD = "imagebridge.transfers.held"
 def hold(session: Session, transfer_id: str) -> Transfer | None:
     """The transfer, read afresh and held to the end of the transaction: a later turn on it
     in the same transaction need not read it again."""
-    transfer = session.get(Transfer, transfer_id, with_for_update=True)
+    transfer = session.get(Transfer, transfer_id, with_for_update=True, populate_existing=True)
     if transfer is not None:
         session.info.setdefault(_HELD, {})[transfer.id] = session.get_transaction()
     return transfer

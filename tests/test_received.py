@@ -1,0 +1,56 @@
+"""A dataset as the acceptor receives it: in memory while small, then in a file on the spool's
+disk; the same bytes either way, and nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from imagebridge.dicom.received import Received
+
+
+def whole(received: Received, folder: Path) -> bytes:
+    out = folder / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        received.write_to(fd)
+    finally:
+        os.close(fd)
+    return out.read_bytes()
+
+
+def test_past_its_limit_a_dataset_goes_to_a_file_with_the_same_bytes(tmp_path: Path) -> None:
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    pieces = [os.urandom(700) for _ in range(10)]
+    received = Received(spill, spill_bytes=2000)
+    for n, piece in enumerate(pieces):
+        received.append(memoryview(piece))
+        assert isinstance(received.data, Path) == (n >= 2)
+    data = b"".join(pieces)
+    assert received.size == len(data)
+    assert Path(received.data).read_bytes() == data
+    digest = hashlib.sha256()
+    received.update(digest)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert whole(received, tmp_path) == data
+    received.discard()
+    assert list(spill.iterdir()) == []
+
+
+def test_a_small_dataset_stays_in_memory(tmp_path: Path) -> None:
+    received = Received(tmp_path, spill_bytes=2000)
+    received.append(b"x" * 2000)
+    assert received.data == b"x" * 2000
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dataset_that_cannot_be_written_says_why_and_keeps_nothing(tmp_path: Path) -> None:
+    received = Received(tmp_path / "gone", spill_bytes=10)
+    received.append(b"a" * 8)
+    received.append(b"b" * 8)  # the folder does not exist: the file cannot be made
+    received.append(b"c" * 8)
+    assert received.error.startswith("could not keep the dataset")
+    assert received.size == 24
+    assert received.data == b""
