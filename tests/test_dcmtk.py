@@ -107,6 +107,23 @@ def _dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _storescu(
+    gw: Gateways, *files: str, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """storescu from the PACS of SEG to its gateway, for RVH."""
+    return _dcmtk(
+        STORESCU,
+        *options,
+        "-aet",
+        CALLING_AE,
+        "-aec",
+        "IB_RVH",
+        "127.0.0.1",
+        str(gw.seg_port),
+        *files,
+    )
+
+
 def _echo(gw: Gateways, calling: str, called: str) -> subprocess.CompletedProcess[str]:
     return _dcmtk(ECHOSCU, "-aet", calling, "-aec", called, "127.0.0.1", str(gw.seg_port))
 
@@ -203,16 +220,7 @@ def test_storescu_study_reaches_the_receiving_pacs_complete(
     study = generate_ct_study(
         tmp_path / "study", slices=20, rows=256, columns=256, patient_id="SEG5150"
     )
-    result = _dcmtk(
-        STORESCU,
-        "-aet",
-        CALLING_AE,
-        "-aec",
-        "IB_RVH",
-        "127.0.0.1",
-        str(gateways.seg_port),
-        *map(str, study.paths),
-    )
+    result = _storescu(gateways, *map(str, study.paths))
     assert result.returncode == 0, result.stderr
 
     transfer = _wait_delivered(gateways.net, study.study_instance_uid)
@@ -257,16 +265,7 @@ def test_a_very_large_instance_is_received_to_disk_not_held_in_memory(
     _peak_rss_reset(seg)
     before = _peak_rss_mb(seg)
 
-    result = _dcmtk(
-        STORESCU,
-        "-aet",
-        CALLING_AE,
-        "-aec",
-        "IB_RVH",
-        "127.0.0.1",
-        str(gateways.seg_port),
-        str(study.paths[0]),
-    )
+    result = _storescu(gateways, str(study.paths[0]))
     assert result.returncode == 0, result.stderr
     _wait_delivered(gateways.net, study.study_instance_uid)
     grown = _peak_rss_mb(seg) - before
@@ -348,17 +347,7 @@ def test_compressed_and_big_endian_syntaxes_arrive_unchanged(
     succeeded = re.search(r"with status SUCCESS\s*:\s*(\d+)", summary)
     assert succeeded is not None and int(succeeded[1]) == len(compressed), summary
     assert "with status ERROR" not in summary and "with status WARNING" not in summary, summary
-    result = _dcmtk(
-        STORESCU,
-        "--propose-big",
-        "-aet",
-        CALLING_AE,
-        "-aec",
-        "IB_RVH",
-        "127.0.0.1",
-        str(gateways.seg_port),
-        str(files[BIG_ENDIAN_FILE]),
-    )
+    result = _storescu(gateways, str(files[BIG_ENDIAN_FILE]), options=("--propose-big",))
     assert result.returncode == 0, result.stderr
 
     received = {p.stem: pydicom.dcmread(p) for p in _wait_for_files(pacs, len(sent))}
