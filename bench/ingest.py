@@ -1,8 +1,9 @@
 """Benchmark: the hub's ingest, on each database and blob store, beside Orthanc's STOW-RS.
 
-The hub is driven as gateways drive it (the gateway's own HubClient: open a transfer and
-ask which of the first batch's blobs are missing, upload framed batches, close), with newly
-generated studies, so every byte is new to the store. Measured in the same run, on the same data:
+The hub is driven as gateways drive it with a study complete in the spool (the gateway's own
+HubClient: open a transfer and ask which of the first batch's blobs are missing, upload framed
+batches, the last closing the transfer), with newly generated studies, so every byte is new
+to the store. Measured in the same run, on the same data:
 
   - Orthanc STOW-RS:                 one POST /dicom-web/studies per study
   - SQLite + folder, 1 hub
@@ -198,8 +199,9 @@ def digests(study: StudyFiles) -> list[str]:
 
 
 def send_study(client: HubClient, study: StudyFiles) -> None:
-    """As the gateway's uploader does: open with the first batch's digests (the answer says
-    which blobs the hub lacks), upload the missing bytes in batches, close."""
+    """As the gateway's uploader does with a study complete in its spool: open with the first
+    batch's digests (the answer says which blobs the hub lacks), upload the missing bytes in
+    batches, the last of which closes the transfer."""
     batches: list[list[tuple[str, Path]]] = [[]]
     size = 0
     for path, sha in zip(study.paths, digests(study), strict=True):
@@ -218,19 +220,19 @@ def send_study(client: HubClient, study: StudyFiles) -> None:
         sha256=[sha for sha, _ in batches[0]],
     )
     missing: set[str] | None = set(made["missing"])
-    for batch in batches:
+    declared = {"instances_declared": len(study.paths), "declared_by": "gateway"}
+    for n, batch in enumerate(batches, 1):
         if missing is None:
             missing = client.missing([sha for sha, _ in batch])
         result = client.upload(
-            made["id"], [(sha, path if sha in missing else None) for sha, path in batch]
+            made["id"],
+            [(sha, path if sha in missing else None) for sha, path in batch],
+            close=n == len(batches),  # the study is complete: the last batch closes it
+            declared=declared,
         )
         if result["refused"]:
             raise RuntimeError(f"the hub refused {result['refused'][:1]}")
         missing = None
-    client.close_transfer(
-        made["id"],
-        {"instances_declared": len(study.paths), "declared_by": "gateway", "interrupted": False},
-    )
 
 
 def measured(hubs: Hubs, work: Callable[[], tuple[int, int]]) -> Measure:

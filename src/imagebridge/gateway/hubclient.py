@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 
@@ -95,12 +95,24 @@ class HubClient:
         result = self._call("POST", "/api/v1/gateway/blobs/missing", json={"sha256": digests})
         return set(result["missing"])
 
-    def upload(self, transfer_id: str, items: list[tuple[str, Path | None]]) -> dict[str, Any]:
-        """Send a batch as one framed stream of known length (no chunked coding)."""
+    def upload(
+        self,
+        transfer_id: str,
+        items: list[tuple[str, Path | None]],
+        close: bool = False,
+        declared: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Send a batch as one framed stream of known length (no chunked coding); with
+        ``close``, the last one, which closes the transfer (``declared``: as for
+        close_transfer)."""
         length = sum(FRAME_HEADER_SIZE + (p.stat().st_size if p else 0) for _, p in items)
+        query = ""
+        if close:
+            closing = {"close": True, **(declared or {})}
+            query = "?" + urlencode({k: str(v).lower() for k, v in closing.items()})
         result: dict[str, Any] = self._bulk_request(
             "POST",
-            f"/api/v1/transfers/{transfer_id}/instances",
+            f"/api/v1/transfers/{transfer_id}/instances{query}",
             encode_files(items),
             {"Content-Type": MEDIA_TYPE, "Content-Length": str(length)},
         )

@@ -558,6 +558,11 @@ class Spool:
                     self.tmp,
                 )
 
+    def is_last_batch(self, t: Outbound, batch: list[tuple[str, Path]]) -> bool:
+        """Whether the transfer is closed and this batch (taken) is all it still holds."""
+        with self.changed:
+            return t.closed and len(t.pending) == len(batch)
+
     def ready_to_finish(self, t: Outbound) -> bool:
         with self.changed:
             return t.closed and not t.pending

@@ -94,7 +94,12 @@ class Uploader:
                 if missing is None:
                     return True
             if batch:
-                self._upload(t, batch, missing)
+                # The study complete and this batch all that is left: it closes the transfer
+                # too (one request less; after an outage, every study is sent this way).
+                last = self.spool.is_last_batch(t, batch)
+                self._upload(t, batch, missing, close=last)
+                if last and self.spool.ready_to_finish(t):
+                    self.spool.finish(t)
                 return True
             if self.spool.ready_to_finish(t):
                 assert t.hub_id is not None
@@ -134,9 +139,14 @@ class Uploader:
         return set(made.get("missing", ()))
 
     def _upload(
-        self, t: Outbound, batch: list[tuple[str, Path]], missing: set[str] | None = None
+        self,
+        t: Outbound,
+        batch: list[tuple[str, Path]],
+        missing: set[str] | None = None,
+        close: bool = False,
     ) -> None:
-        """``missing``: which of the batch's blobs the hub lacks, if already asked."""
+        """``missing``: which of the batch's blobs the hub lacks, if already asked; ``close``:
+        the batch closes the transfer."""
         assert t.hub_id is not None
         shas = [sha for sha, _ in batch]
         try:
@@ -145,6 +155,8 @@ class Uploader:
             result = self.hub.upload(
                 t.hub_id,
                 [(sha, path if sha in missing else None) for sha, path in batch],
+                close=close,
+                declared=_declared(t),
             )
         except HubError as exc:
             self.spool.release(t, shas)
@@ -165,6 +177,9 @@ class Uploader:
             self.spool.refuse(t, refused["sha256"], refused["reason"])
         # An answer naming neither (never expected) must not leave the instance in flight.
         self.spool.release(t, shas)
+        if close and result.get("status", "receiving") == "receiving":
+            # A hub older than closing batches took the batch and left the transfer open.
+            self.hub.close_transfer(t.hub_id, _declared(t))
 
     def _forward_journal(self) -> None:
         for path in self.journal.pending_batches():

@@ -350,7 +350,19 @@ def _store_report(
     openapi_extra={"requestBody": {"content": {MEDIA_TYPE: {"schema": {"type": "string"}}}}},
 )
 async def upload_instances(
-    transfer_id: str, request: Request, actor: GatewayActor, hub: HubDep
+    transfer_id: str,
+    request: Request,
+    actor: GatewayActor,
+    hub: HubDep,
+    close: bool = Query(
+        False,
+        description="The last batch: close the transfer with it, in the same transaction (as "
+        "POST .../close would, with the declaration below). Sent again once the transfer is "
+        "closed, it is answered from what the transfer carries, and changes nothing.",
+    ),
+    instances_declared: int | None = Query(None, ge=0, le=10_000_000),
+    declared_by: Literal["gateway", "pacs"] = Query("gateway"),
+    interrupted: bool = Query(False),
 ) -> dict[str, Any]:
     """A batch of instances from the sending gateway, as a stream of framed blobs.
 
@@ -358,14 +370,19 @@ async def upload_instances(
     not match its digest, is not a readable DICOM dataset, or would mix up a patient is
     refused on its own, with the reason, and nothing of it is kept.
     """
+    closing: services.Declared | None = None
+    if close and instances_declared is not None:
+        closing = services.Declared(instances_declared, declared_by, interrupted)
     with hub.sessions() as session:
         transfer = _load(session, transfer_id, actor, "sender")
-        if transfer.status != TransferStatus.receiving:
+        # A closing batch sent again (its answer was lost) finds its transfer closed.
+        replay = close and transfer.status != TransferStatus.receiving
+        if transfer.status != TransferStatus.receiving and not replay:
             raise HTTPException(409, f"transfer is {transfer.status}, no longer receiving")
         refusal = exchange_refusal(
             session, transfer.sender_institution_id, transfer.receiver_institution_id
         )
-        if refusal:
+        if refusal and not replay:
             raise HTTPException(403, refusal)
     decoder = FrameDecoder(MAX_INSTANCE_BYTES)
     staged: list[tuple[str, BlobWriter | None]] = []
@@ -374,21 +391,25 @@ async def upload_instances(
         async for chunk in request.stream():
             for event in decoder.feed(chunk):
                 if isinstance(event, FrameData):
-                    assert writer is not None
-                    writer.write(event.data)
+                    if writer is not None:
+                        writer.write(event.data)
                 elif isinstance(event, FrameStart):
                     if len(staged) >= MAX_BATCH_INSTANCES:
                         raise HTTPException(
                             413, f"at most {MAX_BATCH_INSTANCES} instances in one batch"
                         )
-                    writer = hub.blobs.writer() if event.length else None
+                    # A replay's bytes are not kept: only its digests are answered.
+                    writer = hub.blobs.writer() if event.length and not replay else None
                 elif isinstance(event, FrameEnd):
                     if writer is not None:
                         writer.finish()
                     staged.append((event.sha256, writer))
                     writer = None
         decoder.close()
-        return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor)
+        if replay:
+            digests = [sha for sha, _ in staged]
+            return await run_in_threadpool(_replayed, hub, transfer_id, digests, actor)
+        return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor, close, closing)
     except FramingError as exc:
         raise HTTPException(400, f"malformed blob stream: {exc}") from exc
     except ClientDisconnect as exc:
@@ -414,9 +435,38 @@ def _held(blobs: BlobStore, sha: str) -> tuple[Header, int]:
         return read_header(fh), fh.seek(0, io.SEEK_END)
 
 
+def _replayed(hub: Hub, transfer_id: str, digests: list[str], actor: Actor) -> dict[str, Any]:
+    """The answer to a closing batch whose transfer is closed: what the transfer carries of
+    it was accepted then; the rest was refused (the first answer's reasons are not kept)."""
+    with hub.sessions() as session:
+        transfer = _load(session, transfer_id, actor, "sender")
+        carried = set(
+            session.scalars(
+                select(TransferInstance.blob_sha256).where(
+                    TransferInstance.transfer_id == transfer.id,
+                    TransferInstance.blob_sha256.in_(set(digests)),
+                )
+            )
+        )
+        status = transfer.status
+    reason = f"transfer is {status}, no longer receiving"
+    return {
+        "accepted": [d for d in digests if d in carried],
+        "refused": [{"sha256": d, "reason": reason} for d in digests if d not in carried],
+        "status": status,
+    }
+
+
 def _ingest(
-    hub: Hub, transfer_id: str, staged: list[tuple[str, BlobWriter | None]], actor: Actor
+    hub: Hub,
+    transfer_id: str,
+    staged: list[tuple[str, BlobWriter | None]],
+    actor: Actor,
+    close: bool = False,
+    closing: services.Declared | None = None,
 ) -> dict[str, Any]:
+    """Store and index a batch; with ``close``, close the transfer with it (``closing``: the
+    sender's declaration)."""
     refused: list[dict[str, str]] = []
     ready: list[tuple[Header, str, int]] = []
     checked: list[tuple[Header, str, BlobWriter]] = []
@@ -458,6 +508,9 @@ def _ingest(
                 detail={"refused": refused[:50]},
                 **actor.audit(),
             )
+        if close:
+            services.close_transfer(session, transfer, actor, closing)
         receiver_id = transfer.receiver_institution_id
+        status = transfer.status
     hub.notifier.nudge(receiver_id)
-    return {"accepted": result.accepted, "refused": refused}
+    return {"accepted": result.accepted, "refused": refused, "status": status}
