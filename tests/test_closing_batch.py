@@ -10,6 +10,7 @@ import uuid
 from contextlib import closing
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
@@ -46,7 +47,8 @@ def test_a_closing_batch_closes_its_transfer_and_a_replay_changes_nothing(
 ) -> None:
     study = study_of(tmp_path / "study")
     items: list[tuple[str, Path | None]] = [(digest(p), p) for p in study.paths]
-    with closing(HubClient(network.hub_url, network.issue_token("SEG"))) as client:
+    token = network.issue_token("SEG")
+    with closing(HubClient(network.hub_url, token)) as client:
         tid = opened(client)
         first = client.upload(tid, items, close=True, declared=DECLARED)
         assert sorted(first["accepted"]) == sorted(d for d, _ in items)
@@ -65,6 +67,12 @@ def test_a_closing_batch_closes_its_transfer_and_a_replay_changes_nothing(
         # Without close, a closed transfer takes nothing, as before.
         with pytest.raises(HubError, match="no longer receiving"):
             client.upload(tid, items[:1])
+        # A declaration belongs to a closing batch only.
+        r = httpx.post(
+            f"{network.hub_url}/api/v1/transfers/{tid}/instances?instances_declared=4",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 422 and "close=true" in r.json()["detail"]
 
     with network.admin() as admin:
         t = admin.get(f"/api/v1/transfers/{tid}").json()

@@ -54,3 +54,21 @@ def test_a_dataset_that_cannot_be_written_says_why_and_keeps_nothing(tmp_path: P
     assert received.error.startswith("could not keep the dataset")
     assert received.size == 24
     assert received.data == b""
+
+
+def test_a_full_disk_while_spilling_says_why_and_leaves_no_file(tmp_path: Path) -> None:
+    """The spool's reserve of free space is asked before each write to the file."""
+    asked: list[int] = []
+
+    def reserve(n: int) -> None:
+        asked.append(n)
+        if sum(asked) > 5000:
+            raise OSError(28, "No space left on device")
+
+    received = Received(tmp_path, spill_bytes=2000, reserve=reserve)
+    for _ in range(10):
+        received.append(b"d" * 1000)
+    assert received.error == "could not keep the dataset: No space left on device"
+    assert not received.kept() and received.size == 10000
+    assert list(tmp_path.iterdir()) == []
+    assert asked[0] == 3000  # the first write to the file: what was in memory, and the piece

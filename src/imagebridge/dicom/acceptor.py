@@ -344,10 +344,13 @@ class StoreAssociation(Generic[A]):
         max_pdu: int,
         timeout: float,
         spill_dir: Path | None = None,
+        reserve: Callable[[int], None] | None = None,
     ) -> None:
-        """``spill_dir``: where a large C-STORE dataset is kept as it arrives (see Received)."""
+        """``spill_dir``: where a large C-STORE dataset is kept as it arrives, ``reserve``
+        asked for the room (see Received)."""
         self.sock = sock
         self.spill_dir = spill_dir
+        self.reserve = reserve
         self.accepted = accepted
         self.service = service
         self.admitted = admitted
@@ -460,7 +463,7 @@ class StoreAssociation(Generic[A]):
         elif field_ in (C_STORE_RQ, C_FIND_RQ) and has_dataset:
             # A C-FIND identifier is small: only an instance may go to disk.
             spill = self.spill_dir if field_ == C_STORE_RQ else None
-            self._message = _Message(context, command, Received(spill))
+            self._message = _Message(context, command, Received(spill, reserve=self.reserve))
         elif field_ == C_FIND_RQ:
             self._find(context_id, command, b"")  # no identifier: refused as unreadable
         else:
@@ -477,7 +480,9 @@ class StoreAssociation(Generic[A]):
         _, syntax = self.accepted[context_id]
         command = message.command
         if _us(command, 0x00000100) == C_FIND_RQ:
-            self._find(context_id, command, bytes(message.dataset.data))
+            identifier = message.dataset.data
+            assert not isinstance(identifier, Path)  # a C-FIND's is never spilled
+            self._find(context_id, command, bytes(identifier))
             return
         request = StoreRequest(
             message_id=_us(command, 0x00000110),

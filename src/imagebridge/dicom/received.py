@@ -8,22 +8,34 @@ dataset is handed on as that file's path.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 # Past this, received bytes go to disk; below, a file would cost more than it saves.
 SPILL_BYTES = 32 * 1024 * 1024
 COPY_CHUNK = 1024 * 1024
 
 
+class Digest(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
 class Received:
-    def __init__(self, spill_dir: Path | None, spill_bytes: int = SPILL_BYTES) -> None:
-        """``spill_dir`` None: kept in memory whatever its size."""
+    def __init__(
+        self,
+        spill_dir: Path | None,
+        spill_bytes: int = SPILL_BYTES,
+        reserve: Callable[[int], None] | None = None,
+    ) -> None:
+        """``spill_dir`` None: kept in memory whatever its size. ``reserve(n)``: asked before
+        n more bytes go to the file; it raises OSError when the disk cannot take them."""
         self._dir = spill_dir
         self._spill = spill_bytes
+        self._reserve = reserve
         self._memory: bytes | bytearray = bytearray()
         self._file: BinaryIO | None = None
         self.path: Path | None = None
@@ -49,6 +61,8 @@ class Received:
             self._memory += data
             return
         try:
+            if self._reserve is not None:
+                self._reserve(len(data) + (len(self._memory) if self._file is None else 0))
             if self._file is None:
                 assert self._dir is not None
                 self.path = self._dir / f"{uuid.uuid4().hex}.received"
@@ -58,18 +72,23 @@ class Received:
                 self._memory = bytearray()
             self._file.write(data)
         except OSError as exc:
-            self.error = f"could not keep the dataset: {exc.strerror or type(exc).__name__}"
-            self.discard()
+            self._failed(exc)
+
+    def kept(self) -> bool:
+        """Whether the whole dataset is kept, the buffered rest written out (if not, ``error``
+        says why: a disk that filled)."""
+        self._flush()
+        return not self.error
 
     @property
     def data(self) -> bytes | bytearray | Path:
-        """The whole dataset: its bytes, or the file holding them."""
-        if self._file is not None:
-            self._file.flush()
+        """The whole dataset: its bytes, or the file holding them (empty if ``error``)."""
+        self._flush()
         return self.path if self.path is not None else self._memory
 
-    def update(self, digest: hashlib._Hash) -> None:
+    def update(self, digest: Digest) -> None:
         """Feed the dataset to a hash."""
+        self._flush()
         if self.path is None:
             digest.update(self._memory)
             return
@@ -79,25 +98,38 @@ class Received:
 
     def write_to(self, fd: int) -> None:
         """Write the dataset to an open file descriptor, at its position."""
+        self._flush()
         if self.path is None:
-            view = memoryview(self._memory)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, memoryview(self._memory))
             return
-        assert self._file is not None
-        self._file.flush()
         with open(self.path, "rb") as fh:
             while chunk := fh.read(COPY_CHUNK):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, memoryview(chunk))
 
     def discard(self) -> None:
-        """Let go of what was received (the file, if any)."""
+        """Let go of what was received (the file, if any); never fails."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # its last bytes may not fit: no matter
+                self._file.close()
             self._file = None
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
             self.path = None
         self._memory = bytearray()
+
+    def _flush(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.error = f"could not keep the dataset: {exc.strerror or exc}"
+        self.discard()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]

@@ -188,6 +188,9 @@ class _Folder:
         sop_instance = request.sop_instance_uid
         if not _is_uid(sop_instance):
             return CANNOT_UNDERSTAND
+        if not dataset.kept():
+            log.error("a fetched instance could not be kept: %s", dataset.error)
+            return OUT_OF_RESOURCES
         meta = file_meta(request.sop_class_uid, sop_instance, request.transfer_syntax_uid)
         path = self.folder / f"{sop_instance}.dcm"
         tmp = self.folder / f".{uuid.uuid4().hex}.part"

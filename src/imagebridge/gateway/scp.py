@@ -317,7 +317,7 @@ class StorageSCP:
         refusal = self.routing.refusal or route.refusal
         if refusal:
             return self._refuse(state, NOT_AUTHORIZED, refusal, "", "")
-        if dataset.error:  # the disk filled while a large instance arrived
+        if not dataset.kept():  # the disk filled while a large instance arrived
             return self._refuse(state, OUT_OF_RESOURCES, dataset.error, "", "")
         syntax = request.transfer_syntax_uid
         try:
@@ -477,6 +477,7 @@ class StorageSCP:
                 max_pdu=self.settings.max_pdu,
                 timeout=self.ae.network_timeout or 60.0,
                 spill_dir=self.spool.tmp,  # the spool's disk: a large instance ends up there
+                reserve=self.spool.check_space,  # and its reserve of free space holds
             )
         except BaseException:
             self._give_back(1)

@@ -91,14 +91,14 @@ class Uploader:
                 if not batch and not self.spool.ready_to_finish(t):
                     continue  # opened with its first batch: one request less
                 missing = self._open_on_hub(t, batch)
-                if missing is None:
+                if t.hub_id is None:  # refused for good, set aside
                     return True
             if batch:
                 # The study complete and this batch all that is left: it closes the transfer
                 # too (one request less; after an outage, every study is sent this way).
                 last = self.spool.is_last_batch(t, batch)
-                self._upload(t, batch, missing, close=last)
-                if last and self.spool.ready_to_finish(t):
+                closed = self._upload(t, batch, missing, close=last)
+                if closed and self.spool.ready_to_finish(t):
                     self.spool.finish(t)
                 return True
             if self.spool.ready_to_finish(t):
@@ -109,8 +109,8 @@ class Uploader:
         return False
 
     def _open_on_hub(self, t: Outbound, batch: list[tuple[str, Path]]) -> set[str] | None:
-        """Open the transfer on the hub, asking which of the first batch's blobs it lacks;
-        None when the hub will never take the transfer."""
+        """Open the transfer on the hub (``t.hub_id`` stays None if the hub will never take
+        it); which of the first batch's blobs the hub lacks, if it said."""
         shas = [sha for sha, _ in batch]
         try:
             made = self.hub.create_transfer(
@@ -136,7 +136,8 @@ class Uploader:
             self.spool.release(t, shas)
             raise
         self.spool.set_hub_id(t, made["id"])
-        return set(made.get("missing", ()))
+        # A hub older than this question does not answer it: then it is asked on its own.
+        return set(made["missing"]) if "missing" in made else None
 
     def _upload(
         self,
@@ -144,9 +145,9 @@ class Uploader:
         batch: list[tuple[str, Path]],
         missing: set[str] | None = None,
         close: bool = False,
-    ) -> None:
+    ) -> bool:
         """``missing``: which of the batch's blobs the hub lacks, if already asked; ``close``:
-        the batch closes the transfer."""
+        the batch closes the transfer. Whether the transfer is closed on the hub."""
         assert t.hub_id is not None
         shas = [sha for sha, _ in batch]
         try:
@@ -166,7 +167,7 @@ class Uploader:
             self.journal.write(
                 "transfer:instances:refused", "failure", instances=len(shas), reason=str(exc)
             )
-            return
+            return False  # still open: closed on its own once nothing is left
         except BaseException:
             # Whatever went wrong, the batch is sent again: an instance left marked in
             # flight would hold its transfer open for ever.
@@ -180,6 +181,7 @@ class Uploader:
         if close and result.get("status", "receiving") == "receiving":
             # A hub older than closing batches took the batch and left the transfer open.
             self.hub.close_transfer(t.hub_id, _declared(t))
+        return close
 
     def _forward_journal(self) -> None:
         for path in self.journal.pending_batches():

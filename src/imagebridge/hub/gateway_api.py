@@ -25,7 +25,7 @@ from imagebridge.institutions.models import Institution
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.patients import services as patient_index
 from imagebridge.storage.models import Blob
-from imagebridge.storage.services import missing_blobs
+from imagebridge.storage.services import held_blobs, missing_blobs
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import CHUNK, FRAME_HEADER_SIZE, MEDIA_TYPE, frame_header
 from imagebridge.transfers.models import Report, Transfer, TransferInstance
@@ -104,7 +104,8 @@ def config(actor: GatewayActor, hub: HubDep) -> dict[str, Any]:
 def missing(body: Digests, actor: GatewayActor, hub: HubDep) -> dict[str, list[str]]:
     """Which of these blobs the hub does not hold yet: only those need uploading."""
     with hub.sessions() as session:
-        return {"missing": missing_blobs(session, hub.blobs, body.sha256)}
+        held = held_blobs(session, body.sha256)
+    return {"missing": missing_blobs(hub.blobs, body.sha256, held)}
 
 
 @router.post("/gateway/blobs", response_class=StreamingResponse)

@@ -12,11 +12,17 @@ from imagebridge.storage.blobs import BlobStore, is_digest
 from imagebridge.storage.models import Blob
 
 
-def missing_blobs(session: Session, blobs: BlobStore, digests: Iterable[str]) -> list[str]:
-    """Which of these blobs the hub does not hold yet (only those need uploading), in the
-    order given, each once; what is not a digest is left out."""
+def held_blobs(session: Session, digests: Iterable[str]) -> set[str]:
+    """Which of these blobs the blob table lists."""
     wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
-    held = set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
+    return set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
+
+
+def missing_blobs(blobs: BlobStore, digests: Iterable[str], held: set[str]) -> list[str]:
+    """Which of these blobs the hub does not hold (only those need uploading), in the order
+    given, each once; what is not a digest is left out. ``held``: held_blobs(), read first;
+    the store is asked afterwards, outside the transaction (an S3 request each)."""
+    wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
     return [d for d in wanted if d not in held or not blobs.exists(d)]
 
 

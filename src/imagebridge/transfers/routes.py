@@ -23,7 +23,7 @@ from imagebridge.institutions.models import Institution
 from imagebridge.institutions.services import get_institution
 from imagebridge.retention.models import BlobRemoval, RemovalState
 from imagebridge.storage.blobs import BlobMismatch, BlobStore, BlobWriter
-from imagebridge.storage.services import ensure_blob_rows, missing_blobs
+from imagebridge.storage.services import ensure_blob_rows, held_blobs, missing_blobs
 from imagebridge.transfers import services
 from imagebridge.transfers.framing import (
     MEDIA_TYPE,
@@ -58,7 +58,7 @@ class TransferIn(BaseModel):
     origin: Literal["api", "dicom"] = "api"
     calling_ae_title: str = Field("", max_length=16)
     idempotency_key: str | None = Field(None, max_length=64)
-    sha256: list[str] = Field(
+    sha256: list[Annotated[str, Field(pattern="^[0-9a-f]{64}$")]] = Field(
         default_factory=list,
         max_length=10000,
         description="A gateway's first instances to upload, by digest: the answer's "
@@ -102,6 +102,7 @@ def _load(
 def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
     if body.sha256 and actor.kind != "gateway":
         raise HTTPException(422, "only a gateway uploads instances: sha256 is for gateways")
+    held: set[str] = set()
     with hub.sessions() as session, session.begin():
         if not actor.network_wide:
             sender = session.get(Institution, actor.institution_id)
@@ -150,9 +151,11 @@ def create(body: TransferIn, actor: Sender, hub: HubDep) -> dict[str, Any]:
         empty = made and not body.study_instance_uids
         out = services.describe(session, transfer, (sender, receiver) if empty else None)
         if body.sha256:
-            # Asked with the opening, the first batch costs the gateway one request less.
-            out["missing"] = missing_blobs(session, hub.blobs, body.sha256)
+            held = held_blobs(session, body.sha256)
         receiver_id = receiver.id
+    if body.sha256:
+        # Asked with the opening, the first batch costs the gateway one request less.
+        out["missing"] = missing_blobs(hub.blobs, body.sha256, held)
     hub.notifier.nudge(receiver_id)
     return out
 
@@ -370,6 +373,8 @@ async def upload_instances(
     not match its digest, is not a readable DICOM dataset, or would mix up a patient is
     refused on its own, with the reason, and nothing of it is kept.
     """
+    if instances_declared is not None and not close:
+        raise HTTPException(422, "instances_declared goes with close=true only")
     closing: services.Declared | None = None
     if close and instances_declared is not None:
         closing = services.Declared(instances_declared, declared_by, interrupted)
@@ -436,24 +441,27 @@ def _held(blobs: BlobStore, sha: str) -> tuple[Header, int]:
 
 
 def _replayed(hub: Hub, transfer_id: str, digests: list[str], actor: Actor) -> dict[str, Any]:
-    """The answer to a closing batch whose transfer is closed: what the transfer carries of
-    it was accepted then; the rest was refused (the first answer's reasons are not kept)."""
     with hub.sessions() as session:
-        transfer = _load(session, transfer_id, actor, "sender")
-        carried = set(
-            session.scalars(
-                select(TransferInstance.blob_sha256).where(
-                    TransferInstance.transfer_id == transfer.id,
-                    TransferInstance.blob_sha256.in_(set(digests)),
-                )
+        return _carried(session, _load(session, transfer_id, actor, "sender"), digests)
+
+
+def _carried(session: Session, transfer: Transfer, digests: list[str]) -> dict[str, Any]:
+    """The answer to a closing batch whose transfer is closed (sent again, its first answer
+    lost): what the transfer carries of it was accepted then; the rest was refused (the
+    first answer's reasons are not kept)."""
+    carried = set(
+        session.scalars(
+            select(TransferInstance.blob_sha256).where(
+                TransferInstance.transfer_id == transfer.id,
+                TransferInstance.blob_sha256.in_(set(digests)),
             )
         )
-        status = transfer.status
-    reason = f"transfer is {status}, no longer receiving"
+    )
+    reason = f"transfer is {transfer.status}, no longer receiving"
     return {
         "accepted": [d for d in digests if d in carried],
         "refused": [{"sha256": d, "reason": reason} for d in digests if d not in carried],
-        "status": status,
+        "status": transfer.status,
     }
 
 
@@ -492,6 +500,9 @@ def _ingest(
             ready.append((header, outcome[0], outcome[1]))
     with hub.sessions() as session, session.begin():
         transfer = _load(session, transfer_id, actor, "sender", hold=True)
+        if close and transfer.status != TransferStatus.receiving:
+            # Its first attempt closed it while this one was on its way: the same answer.
+            return _carried(session, transfer, [sha for sha, _ in staged])
         ensure_blob_rows(session, {sha: size for _, sha, size in ready})
         try:
             result = services.add_instances(session, transfer, ready, actor)
