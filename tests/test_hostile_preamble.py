@@ -194,6 +194,7 @@ def test_a_polyglot_uploaded_by_a_gateway_is_refused_with_its_reason(
     assert r.json() == {
         "accepted": [],
         "refused": [{"sha256": sha, "reason": "the 128-byte preamble is not zeros"}],
+        "status": "receiving",
     }
     refused = hub.admin("GET", "/api/v1/audit", params={"action": "transfer:instances:refused"})
     assert refused.json()[-1]["detail"]["refused"][0]["sha256"] == sha
