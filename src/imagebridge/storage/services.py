@@ -12,18 +12,21 @@ from imagebridge.storage.blobs import BlobStore, is_digest
 from imagebridge.storage.models import Blob
 
 
+def _digests(values: Iterable[str]) -> list[str]:
+    """The digests among these values, each once, in order."""
+    return [d for d in dict.fromkeys(values) if is_digest(d)]
+
+
 def held_blobs(session: Session, digests: Iterable[str]) -> set[str]:
     """Which of these blobs the blob table lists."""
-    wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
-    return set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(wanted))))
+    return set(session.scalars(select(Blob.sha256).where(Blob.sha256.in_(_digests(digests)))))
 
 
 def missing_blobs(blobs: BlobStore, digests: Iterable[str], held: set[str]) -> list[str]:
     """Which of these blobs the hub does not hold (only those need uploading), in the order
     given, each once; what is not a digest is left out. ``held``: held_blobs(), read first;
     the store is asked afterwards, outside the transaction (an S3 request each)."""
-    wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
-    return [d for d in wanted if d not in held or not blobs.exists(d)]
+    return [d for d in _digests(digests) if d not in held or not blobs.exists(d)]
 
 
 def ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
