@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import event, select, text
 
 from hubapp import InProcessHub
 from imagebridge.db import make_engine, make_sessionmaker, transaction
@@ -85,3 +88,47 @@ def test_an_instance_with_a_nul_in_its_text_is_refused_on_its_own(tmp_path: Path
         ]
     finally:
         hub.close()
+
+
+def _no_busy_wait(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite's own wait for its lock turned off: a writer that met a taken lock would fail.
+    dbapi_connection.execute("PRAGMA busy_timeout=0")
+
+
+def test_sqlite_writers_in_one_process_take_turns_without_sqlite_busy_waits(
+    tmp_path: Path,
+) -> None:
+    """The process's writers queue for SQLite's write lock among themselves and go as soon
+    as it is free; with SQLite's own waiting turned off, none meets the lock taken. The turn
+    passes on however a transaction ends: commit, rollback, an error, a connection given
+    back or dropped mid-transaction."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
+    event.listen(engine, "connect", _no_busy_wait)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE counter (n INTEGER)"))
+            conn.execute(text("INSERT INTO counter VALUES (0)"))
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.rollback()
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            conn.execute(text("UPDATE counter SET n = n + 1"))
+            raise RuntimeError
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))  # begun, then given back without an end
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.invalidate()
+
+        def add(times: int) -> None:
+            for _ in range(times):
+                with engine.begin() as conn:
+                    n = conn.execute(text("SELECT n FROM counter")).scalar_one()
+                    conn.execute(text("UPDATE counter SET n = :n"), {"n": n + 1})
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(add, [50] * 8))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT n FROM counter")).scalar_one() == 400
+    finally:
+        engine.dispose()

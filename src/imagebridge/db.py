@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -33,6 +35,10 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# How long a transaction waits for SQLite's write lock before it fails.
+BUSY_SECONDS = 30
 
 
 class Base(DeclarativeBase):
@@ -73,10 +79,12 @@ def make_engine(url: str) -> Engine:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_use_lifo=True
+            url,
+            connect_args={"check_same_thread": False, "timeout": BUSY_SECONDS},
+            pool_use_lifo=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        _WriterTurns(engine)
         return engine
     # pool_use_lifo (both backends): the most recently used connection first. It has this
     # process's statements prepared (psycopg prepares one after its fifth use on a
@@ -91,16 +99,66 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
     # The query planner needs statistics to pick the search indexes; this gathers them for
     # tables that have none or changed much, cheaply (SQLite's advice for new connections).
     cursor.execute("PRAGMA optimize=0x10002")
     cursor.close()
 
 
-def _sqlite_begin_immediate(conn: Any) -> None:
-    # Take the write lock up front: a read that later writes would otherwise deadlock-fail.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+class _WriterTurns:
+    """SQLite's write lock, taken up front (BEGIN IMMEDIATE: a read that later writes would
+    otherwise deadlock-fail), and queued for within the process.
+
+    A transaction that finds the lock taken is otherwise left to SQLite's busy handler,
+    which sleeps and tries again (1, 2, 5, 10... ms): the lock then stands idle while the
+    next writer sleeps. Here the process's own writers wait on a lock of its own, and the
+    next goes as soon as the last has committed; SQLite's handler is left to settle turns
+    with other processes (a worker, a command) only.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._lock = threading.Lock()
+        self._holder: Any = None  # the DBAPI connection whose transaction has the turn
+        event.listen(engine, "begin", self._begin)
+        event.listen(engine.pool, "checkin", self._release)
+        event.listen(engine.pool, "invalidate", self._release)
+        dialect = engine.dialect
+        commit, rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_commit(connection: Any) -> None:
+            try:
+                commit(connection)
+            finally:
+                self._release(connection)
+
+        def do_rollback(connection: Any) -> None:
+            try:
+                rollback(connection)
+            finally:
+                self._release(connection)
+
+        # This engine's own dialect: the turn ends once the transaction has.
+        setattr(dialect, "do_commit", do_commit)  # noqa: B010
+        setattr(dialect, "do_rollback", do_rollback)  # noqa: B010
+
+    def _begin(self, conn: Any) -> None:
+        if not self._lock.acquire(timeout=BUSY_SECONDS):
+            raise sqlite3.OperationalError("database is locked")
+        self._holder = conn.connection.dbapi_connection
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            self._release(self._holder)
+            raise
+
+    def _release(self, connection: Any, *_: Any) -> None:
+        # Any connection ending anything: only the holder's end (a commit, a rollback, or
+        # given back or dropped in a transaction never ended) passes the turn on.
+        holder = self._holder
+        if holder is not None and getattr(connection, "dbapi_connection", connection) is holder:
+            self._holder = None
+            self._lock.release()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

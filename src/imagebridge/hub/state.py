@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,10 @@ class Hub:
     # The hub's clock, replaceable so that tests of expiry and lockout need not sleep.
     clock: Callable[[], datetime] = utcnow
     worker: Worker | None = None
+    # Uploaded blobs checked and made ready to store as they arrive (transfers/routes.py).
+    intake: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="intake")
+    )
 
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
         """With the web application: wake-ups across processes, and the in-process worker."""
@@ -53,6 +58,7 @@ class Hub:
             self.worker.stop()
             self.worker = None
         self.notifier.close()
+        self.intake.shutdown(wait=True)
 
     @classmethod
     def open(cls, settings: HubSettings) -> Hub:

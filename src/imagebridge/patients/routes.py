@@ -304,9 +304,7 @@ async def register_identifier(
         location = {"Location": f"{_base(request)}/Patient/{resource['id']}"}
         return _fhir(resource, 201 if created else 200, location)
 
-    try:
-        return await run_in_threadpool(register)
-    except FhirError as exc:
+    def refused(exc: FhirError) -> None:
         with hub.sessions() as session, session.begin():
             record(
                 session,
@@ -316,6 +314,11 @@ async def register_identifier(
                 detail={"status": exc.status, "reason": exc.diagnostics[:300]},
                 **actor.audit(),
             )
+
+    try:
+        return await run_in_threadpool(register)
+    except FhirError as exc:
+        await run_in_threadpool(refused, exc)
         return _refuse(exc)
 
 

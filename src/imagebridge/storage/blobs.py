@@ -45,6 +45,11 @@ class BlobStoreError(OSError):
 class BlobWriter(Protocol):
     def write(self, chunk: bytes | memoryview) -> None: ...
 
+    @property
+    def size(self) -> int:
+        """The bytes written so far."""
+        ...
+
     def finish(self) -> None:
         """Every byte is written: let go of the open file until commit (a batch of many
         small blobs must not hold a file descriptor each)."""
@@ -52,6 +57,13 @@ class BlobWriter(Protocol):
 
     def staged_path(self) -> Path:
         """The bytes written so far, in a local file, to check them before commit."""
+        ...
+
+    def prepare(self, expected_sha256: str | None = None) -> None:
+        """The bytes are complete and have passed the caller's checks: do now, while the rest
+        of a batch arrives, the slow part of a commit (the file synced and its folder made,
+        or the object uploaded), leaving the commit little to do. Nothing if the bytes do not
+        hash to ``expected_sha256``: the commit refuses them. From any one thread at a time."""
         ...
 
     def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
@@ -149,6 +161,20 @@ class LocalBlobWriter(StagedBlob):
     def __init__(self, store: LocalBlobStore) -> None:
         super().__init__(store.tmp_dir)
         self._store = store
+        self.made: set[Path] | None = None  # prepared: the folders made for it, not yet synced
+
+    def prepare(self, expected_sha256: str | None = None) -> None:
+        final = self._store.path_for(self.digest)
+        # Not for bytes the commit will refuse, nor for a copy of a blob held already.
+        if self.digest == (expected_sha256 or self.digest) and not final.exists():
+            self.ready()
+
+    def ready(self) -> None:
+        """The bytes synced and the blob's folder made: all but its name."""
+        if self.made is None:
+            self._file.close()
+            fsync_path(self._tmp)
+            self.made = self._store.make_folders(self._store.path_for(self.digest).parent)
 
     def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
         if refused := self.mismatch(expected_sha256):
@@ -188,14 +214,15 @@ class LocalBlobStore:
         self, items: list[tuple[BlobWriter, str | None]]
     ) -> list[tuple[str, int] | BlobMismatch]:
         """Commit a batch with its fsyncs issued together: the filesystem's journal then
-        commits them as a group instead of one after another.
+        commits them as a group instead of one after another (those of a prepared writer
+        were issued as it arrived).
 
         Contents are durable before any blob gets its final name, and names before
         returning: a file under its digest is always complete, which is what lets a
         commit skip content already held.
         """
         results: list[tuple[str, int] | BlobMismatch] = []
-        moves: dict[Path, Path] = {}  # final name -> staged file
+        moves: dict[Path, LocalBlobWriter] = {}  # final name -> staged
         for writer, expected in items:
             assert isinstance(writer, LocalBlobWriter)
             if refused := writer.mismatch(expected):
@@ -206,29 +233,31 @@ class LocalBlobStore:
             if final in moves or final.exists():
                 writer.abort()
             else:
-                moves[final] = writer.close()
+                moves[final] = writer
             results.append((digest, size))
         if moves:
-            list(self._sync_pool.map(fsync_path, moves.values()))
+            list(self._sync_pool.map(LocalBlobWriter.ready, moves.values()))
             # The folders whose entries change: each blob's, and the parent of any made.
-            changed: set[Path] = set()
-            for final, staged in moves.items():
-                changed |= self._make_folders(final.parent)
-                os.replace(staged, final)
-                changed.add(final.parent)
+            made: set[Path] = set()
+            for writer in moves.values():
+                made |= writer.made or set()
+            for final, writer in moves.items():
+                os.replace(writer.close(), final)
+            changed = {final.parent for final in moves} | {f.parent for f in made}
             list(self._sync_pool.map(fsync_path, changed))
+            self._folders |= made
         return results
 
-    def _make_folders(self, folder: Path) -> set[Path]:
-        """Make ``folder`` and its missing parents; the folders whose entries changed."""
+    def make_folders(self, folder: Path) -> set[Path]:
+        """Make ``folder`` and its missing parents; those whose entries are not yet known to
+        be synced (a commit syncs them, then counts them as made: until then, another
+        batch that needs one syncs it too, and never answers before its name is durable)."""
         if folder in self._folders or folder == self.root:
             return set()
-        changed = self._make_folders(folder.parent)
-        # Made now, or before this process started: either way its entry is synced once.
+        made = self.make_folders(folder.parent)
         folder.mkdir(exist_ok=True)
-        changed.add(folder.parent)
-        self._folders.add(folder)
-        return changed
+        made.add(folder)
+        return made
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path_for(sha256), "rb")

@@ -72,6 +72,12 @@ class S3BlobWriter(StagedBlob):
     def __init__(self, store: S3BlobStore) -> None:
         super().__init__(store.staging_dir)
         self._store = store
+        self.uploaded = False
+
+    def prepare(self, expected_sha256: str | None = None) -> None:
+        if self.digest == (expected_sha256 or self.digest):
+            self._store.upload(self.digest, self.close(), self.size)
+            self.uploaded = True
 
     def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
         if refused := self.mismatch(expected_sha256):
@@ -172,8 +178,8 @@ class S3BlobStore:
     def commit_batch(
         self, items: list[tuple[BlobWriter, str | None]]
     ) -> list[tuple[str, int] | BlobMismatch]:
-        """Upload the batch's new blobs side by side; every one is stored when this returns,
-        before the index commit that refers to them."""
+        """Upload the batch's new blobs side by side (those not uploaded as they arrived);
+        every one is stored when this returns, before the index commit that refers to them."""
         results: list[tuple[str, int] | BlobMismatch] = []
         staged: dict[str, tuple[Path, int]] = {}
         futures: dict[str, Future[None]] = {}
@@ -183,7 +189,7 @@ class S3BlobStore:
                 if refused := writer.mismatch(expected):
                     results.append(refused)
                     continue
-                if writer.digest not in staged:
+                if writer.digest not in staged and not writer.uploaded:
                     staged[writer.digest] = (writer.close(), writer.size)
                 results.append((writer.digest, writer.size))
             for digest, (path, size) in staged.items():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +37,14 @@ from imagebridge.transfers.framing import (
 )
 from imagebridge.transfers.models import Transfer, TransferInstance, TransferStatus
 from imagebridge.transfers.services import Outcome, TransferError
+
+# A blob this large is checked and made ready to store as soon as it has arrived, while
+# the rest of its batch arrives; smaller ones cost less to check with the batch than to
+# hand to another thread.
+INTAKE_BYTES = 256 * 1024
+# A blob of an uploaded batch: its digest as announced, its staged bytes (none: sent by
+# reference) and their checks, under way.
+Staged = tuple[str, BlobWriter | None, Future[Header] | None]
 
 router = APIRouter(prefix="/api/v1", tags=["transfers"])
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -378,19 +388,10 @@ async def upload_instances(
     closing: services.Declared | None = None
     if close and instances_declared is not None:
         closing = services.Declared(instances_declared, declared_by, interrupted)
-    with hub.sessions() as session:
-        transfer = _load(session, transfer_id, actor, "sender")
-        # A closing batch sent again (its answer was lost) finds its transfer closed.
-        replay = close and transfer.status != TransferStatus.receiving
-        if transfer.status != TransferStatus.receiving and not replay:
-            raise HTTPException(409, f"transfer is {transfer.status}, no longer receiving")
-        refusal = exchange_refusal(
-            session, transfer.sender_institution_id, transfer.receiver_institution_id
-        )
-        if refusal and not replay:
-            raise HTTPException(403, refusal)
+    # Off the event loop: on SQLite a transaction may wait for another's write lock.
+    replay = await run_in_threadpool(_may_upload, hub, transfer_id, actor, close)
     decoder = FrameDecoder(MAX_INSTANCE_BYTES)
-    staged: list[tuple[str, BlobWriter | None]] = []
+    staged: list[Staged] = []
     writer: BlobWriter | None = None
     try:
         async for chunk in request.stream():
@@ -406,13 +407,17 @@ async def upload_instances(
                     # A replay's bytes are not kept: only its digests are answered.
                     writer = hub.blobs.writer() if event.length and not replay else None
                 elif isinstance(event, FrameEnd):
+                    arrived = None
                     if writer is not None:
                         writer.finish()
-                    staged.append((event.sha256, writer))
+                        if writer.size >= INTAKE_BYTES:
+                            # Checked and made ready to store while the rest arrives.
+                            arrived = hub.intake.submit(_arrived, writer, event.sha256)
+                    staged.append((event.sha256, writer, arrived))
                     writer = None
         decoder.close()
         if replay:
-            digests = [sha for sha, _ in staged]
+            digests = [sha for sha, _, _ in staged]
             return await run_in_threadpool(_replayed, hub, transfer_id, digests, actor)
         return await run_in_threadpool(_ingest, hub, transfer_id, staged, actor, close, closing)
     except FramingError as exc:
@@ -421,11 +426,54 @@ async def upload_instances(
         # The gateway went away mid-batch: nothing of it is kept, and it sends it again.
         raise HTTPException(400, "the upload was cut off") from exc
     finally:
-        for _, w in staged:
-            if w is not None:
+        for _, w, arrived in staged:
+            if arrived is not None:
+                # Let go of the staged bytes once nothing reads them any more.
+                arrived.cancel()
+                arrived.add_done_callback(partial(_let_go, w))
+            elif w is not None:
                 w.abort()
         if writer is not None:
             writer.abort()
+
+
+def _may_upload(hub: Hub, transfer_id: str, actor: Actor, close: bool) -> bool:
+    """Refuse a batch before a byte of it is read; True if it is a closing batch sent again
+    (its answer lost), which finds its transfer closed."""
+    with hub.sessions() as session:
+        transfer = _load(session, transfer_id, actor, "sender")
+        replay = close and transfer.status != TransferStatus.receiving
+        if transfer.status != TransferStatus.receiving and not replay:
+            raise HTTPException(409, f"transfer is {transfer.status}, no longer receiving")
+        refusal = exchange_refusal(
+            session, transfer.sender_institution_id, transfer.receiver_institution_id
+        )
+        if refusal and not replay:
+            raise HTTPException(403, refusal)
+        return replay
+
+
+def _let_go(writer: BlobWriter | None, _: object) -> None:
+    if writer is not None:
+        writer.abort()
+
+
+def _checked(writer: BlobWriter) -> Header:
+    """The header of a blob received; BadDataset if it is not one to store."""
+    path = writer.staged_path()
+    header = read_header(path)
+    if not preamble_is_clean(path):
+        # Gateways zero it; bytes there could be an executable (a polyglot file).
+        raise BadDataset("the 128-byte preamble is not zeros")
+    return header
+
+
+def _arrived(writer: BlobWriter, sha256: str) -> Header:
+    """A blob as soon as it has arrived: checked, then its bytes made ready to store
+    (synced, or uploaded to an object store). BadDataset or BlobMismatch: refused."""
+    header = _checked(writer)
+    writer.prepare(sha256)
+    return header
 
 
 def _held(blobs: BlobStore, sha: str) -> tuple[Header, int]:
@@ -468,7 +516,7 @@ def _carried(session: Session, transfer: Transfer, digests: list[str]) -> dict[s
 def _ingest(
     hub: Hub,
     transfer_id: str,
-    staged: list[tuple[str, BlobWriter | None]],
+    staged: list[Staged],
     actor: Actor,
     close: bool = False,
     closing: services.Declared | None = None,
@@ -478,19 +526,15 @@ def _ingest(
     refused: list[dict[str, str]] = []
     ready: list[tuple[Header, str, int]] = []
     checked: list[tuple[Header, str, BlobWriter]] = []
-    for sha, writer in staged:
+    for sha, writer, arrived in staged:
         try:
             if writer is None:
                 header, size = _held(hub.blobs, sha)
                 ready.append((header, sha, size))
             else:
-                path = writer.staged_path()
-                header = read_header(path)
-                if not preamble_is_clean(path):
-                    # Gateways zero it; bytes there could be an executable (a polyglot file).
-                    raise BadDataset("the 128-byte preamble is not zeros")
+                header = arrived.result() if arrived is not None else _checked(writer)
                 checked.append((header, sha, writer))
-        except BadDataset as exc:
+        except (BadDataset, BlobMismatch) as exc:
             refused.append({"sha256": sha, "reason": str(exc)})
     committed = hub.blobs.commit_batch([(w, sha) for _, sha, w in checked])
     for (header, sha, _), outcome in zip(checked, committed, strict=True):
@@ -502,7 +546,7 @@ def _ingest(
         transfer = _load(session, transfer_id, actor, "sender", hold=True)
         if close and transfer.status != TransferStatus.receiving:
             # Its first attempt closed it while this one was on its way: the same answer.
-            return _carried(session, transfer, [sha for sha, _ in staged])
+            return _carried(session, transfer, [sha for sha, _, _ in staged])
         ensure_blob_rows(session, {sha: size for _, sha, size in ready})
         try:
             result = services.add_instances(session, transfer, ready, actor)
