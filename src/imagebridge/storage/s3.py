@@ -211,11 +211,12 @@ class S3BlobStore:
         """Store the staged file under its digest unless already held; BlobMismatch if the
         file no longer holds those bytes (nothing is then stored)."""
         key = self.key_for(digest)
-        if self._holds(key):
-            return  # single source: the same content is already stored
         if size < self.multipart_threshold:
+            # Bytes reach the hub for blobs it said it lacks, so the object is nearly always
+            # new: asking first would cost almost what the PUT does. Sent again, the same
+            # bytes under the same key change nothing.
             self._put(key, digest, path, size)
-        else:
+        elif not self._holds(key):  # single source: the same content is already stored
             self._put_in_parts(key, digest, path)
 
     def _put(self, key: str, digest: str, path: Path, size: int) -> None:
