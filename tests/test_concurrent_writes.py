@@ -234,3 +234,24 @@ def test_a_lease_stays_within_its_bytes_and_always_holds_one(hub: Hub) -> None:
         assert sum(i.size for i in batch.instances) <= largest * 3
         batch = services.next_work(session, hub.rvh, 100, 60, max_bytes=1)
         assert batch is not None and len(batch.instances) == 1  # larger than asked, still one
+
+
+def test_a_transfer_is_held_for_its_parties_only(hub: Hub) -> None:
+    """A caller whose transfer it is not neither reads it nor holds its row: it cannot hold
+    up the sender's uploads, even for the moment its refusal takes."""
+    with transaction(hub.sessions) as session:
+        sender, receiver = (session.get_one(Institution, i) for i in (hub.seg, hub.rvh))
+        transfer, _ = services.create_transfer(
+            session, sender=sender, receiver=receiver, actor=hub.gateway(hub.seg), origin="dicom"
+        )
+        transfer_id = transfer.id
+    stranger = Transfer.sender_institution_id == hub.rvh  # the receiver, as a sender
+    with transaction(hub.sessions) as session:
+        assert services.hold(session, transfer_id, stranger) is None
+        if session.get_bind().dialect.name == "postgresql":  # SQLite has no row locks
+            # Another transaction takes the row at once: nothing holds it.
+            with transaction(hub.sessions) as other:
+                taken = select(Transfer.id).where(Transfer.id == transfer_id)
+                assert other.scalars(taken.with_for_update(nowait=True)).one() == transfer_id
+        held = services.hold(session, transfer_id, Transfer.sender_institution_id == hub.seg)
+        assert held is not None and held.id == transfer_id

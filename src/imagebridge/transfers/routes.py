@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -88,12 +88,21 @@ class DeliveriesIn(BaseModel):
     reports: list[OutcomeIn] = Field(default_factory=list, max_length=1000)
 
 
+_PARTY = {"sender": Transfer.sender_institution_id, "receiver": Transfer.receiver_institution_id}
+
+
 def _load(
     session: Session, transfer_id: str, actor: Actor, *roles: str, hold: bool = False
 ) -> Transfer:
     """The transfer, if this caller may act on it as one of the given roles; with ``hold``,
-    its row held for a change (services._take_turn)."""
-    transfer = services.hold(session, transfer_id) if hold else session.get(Transfer, transfer_id)
+    its row held for a change (services._take_turn), and only if the caller may."""
+    if hold:
+        mine = None
+        if not actor.network_wide:
+            mine = or_(*(_PARTY[r] == actor.institution_id for r in roles))
+        transfer = services.hold(session, transfer_id, mine)
+    else:
+        transfer = session.get(Transfer, transfer_id)
     if transfer is None:
         raise HTTPException(403, NOT_YOURS)
     if actor.network_wide:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from imagebridge.actors import Actor
@@ -47,10 +47,19 @@ class TransferError(ValueError):
 _HELD = "imagebridge.transfers.held"
 
 
-def hold(session: Session, transfer_id: str) -> Transfer | None:
+def hold(
+    session: Session, transfer_id: str, only: ColumnElement[bool] | None = None
+) -> Transfer | None:
     """The transfer, read afresh and held to the end of the transaction: a later turn on it
-    in the same transaction need not read it again."""
-    transfer = session.get(Transfer, transfer_id, with_for_update=True, populate_existing=True)
+    in the same transaction need not read it again. ``only``: what the row must meet to be
+    read (whose it is); a row that does not is neither read nor held, so a caller refused
+    it never holds up its rightful users."""
+    query = select(Transfer).where(Transfer.id == transfer_id)
+    if only is not None:
+        query = query.where(only)
+    transfer = session.scalars(
+        query.with_for_update().execution_options(populate_existing=True)
+    ).one_or_none()
     if transfer is not None:
         session.info.setdefault(_HELD, {})[transfer.id] = session.get_transaction()
     return transfer
