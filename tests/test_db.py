@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from sqlalchemy import event, select, text
+from sqlalchemy.exc import OperationalError
 
 from hubapp import InProcessHub
+from imagebridge import db
 from imagebridge.db import make_engine, make_sessionmaker, transaction
 from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.migrate import upgrade
@@ -101,7 +103,7 @@ def test_sqlite_writers_in_one_process_take_turns_without_sqlite_busy_waits(
     """The process's writers queue for SQLite's write lock among themselves and go as soon
     as it is free; with SQLite's own waiting turned off, none meets the lock taken. The turn
     passes on however a transaction ends: commit, rollback, an error, a connection given
-    back or dropped mid-transaction."""
+    back or dropped mid-transaction, a BEGIN that fails."""
     engine = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
     event.listen(engine, "connect", _no_busy_wait)
     try:
@@ -120,6 +122,17 @@ def test_sqlite_writers_in_one_process_take_turns_without_sqlite_busy_waits(
             conn.execute(text("SELECT 1"))
             conn.invalidate()
 
+        # A BEGIN that fails (another engine, as another process would, holds SQLite's
+        # lock, and SQLite is not to wait) is SQLAlchemy's error, and leaves the turn free.
+        other = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
+        try:
+            with other.begin() as holding:
+                holding.execute(text("SELECT 1"))
+                with pytest.raises(OperationalError, match="locked"), engine.begin():
+                    pass
+        finally:
+            other.dispose()
+
         def add(times: int) -> None:
             for _ in range(times):
                 with engine.begin() as conn:
@@ -130,5 +143,24 @@ def test_sqlite_writers_in_one_process_take_turns_without_sqlite_busy_waits(
             list(pool.map(add, [50] * 8))
         with engine.connect() as conn:
             assert conn.execute(text("SELECT n FROM counter")).scalar_one() == 400
+    finally:
+        engine.dispose()
+
+
+def test_a_sqlite_writer_that_waits_too_long_for_its_turn_gets_the_database_s_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered as the database being unavailable (the hub's 503), not as a crash."""
+    monkeypatch.setattr(db, "BUSY_SECONDS", 0.2)
+    engine = make_engine(f"sqlite:///{tmp_path / 'wait.db'}")
+    try:
+        with engine.begin() as holding:
+            holding.execute(text("SELECT 1"))
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(lambda: engine.begin().__enter__())
+                with pytest.raises(OperationalError, match="waited for this process"):
+                    waiting.result()
+        with engine.begin() as conn:  # and the turn is free again
+            conn.execute(text("SELECT 1"))
     finally:
         engine.dispose()

@@ -1,21 +1,28 @@
 """A large blob of an uploaded batch is checked and made ready to store as soon as it has
-arrived, while the rest of the batch is still on its way. Refusals keep their reasons,
-nothing refused is stored, and a batch that fails part-way keeps nothing of itself."""
+arrived, while the rest of the batch is still on its way (synced in a folder; uploaded to an
+object store). Refusals keep their reasons, nothing refused is stored, and in a folder a
+batch that fails part-way keeps nothing of itself."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from fuzz.http_inputs import with_preamble
 from hubapp import InProcessHub
+from imagebridge.demo.network import Network
 from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.transfers.framing import MEDIA_TYPE, frame_header
 from imagebridge.transfers.routes import INTAKE_BYTES
+from seaweed import SeaweedServer
+from test_storage_exchange import SECRET_ENV, bucket_digests, store_settings
 
 
 @pytest.fixture
@@ -70,6 +77,13 @@ def test_large_blobs_are_checked_as_they_arrive_each_refused_with_its_reason(
     claimed = sha(other)  # announced for the bytes of another instance
     announced = [sha(good), sha(polyglot), claimed, sha(tiny)]
     transfer, gateway = open_transfer(hub)
+    intake, submitted = hub.hub.intake, []
+
+    def submit(*args: Any) -> Future[Any]:  # the real pool, each handing noted
+        submitted.append(args[1:])
+        return real_submit(*args)
+
+    real_submit, intake.submit = intake.submit, submit  # type: ignore[method-assign]
     r = hub.client().post(
         f"/api/v1/transfers/{transfer}/instances",
         headers={**gateway, "Content-Type": MEDIA_TYPE},
@@ -84,6 +98,8 @@ def test_large_blobs_are_checked_as_they_arrive_each_refused_with_its_reason(
     ]
     assert stored(hub) == {sha(good), sha(tiny)}
     assert staged(hub) == []
+    # The large ones were checked as they arrived, the small one with its batch.
+    assert [sha256 for _, sha256 in submitted] == announced[:3]
     refused = hub.admin("GET", "/api/v1/audit", params={"action": "transfer:instances:refused"})
     assert [e["sha256"] for e in refused.json()[-1]["detail"]["refused"]] == [
         sha(polyglot),
@@ -123,3 +139,33 @@ def test_a_batch_cut_short_after_large_blobs_arrived_keeps_nothing(
     assert r.json()["accepted"] == digests
     assert stored(hub) == set(digests)
     assert staged(hub) == []
+
+
+def test_in_a_bucket_only_the_large_blobs_that_pass_their_checks_are_uploaded(
+    seaweedfs: SeaweedServer, tmp_path: Path
+) -> None:
+    bucket = seaweedfs.create_bucket()
+    network = Network(tmp_path / "net", env={SECRET_ENV: seaweedfs.secret_key})
+    study = generate_ct_study(tmp_path / "ct", slices=3, rows=512, columns=512)
+    good, polyglot, liar = (p.read_bytes() for p in study.paths)
+    polyglot = with_preamble(polyglot)
+    digests = [hashlib.sha256(d).hexdigest() for d in (good, polyglot)] + ["0" * 64]
+    try:
+        network.start_hub(blob_store=store_settings(seaweedfs, bucket))
+        network.add_institution("SEG", "St Elsewhere General Hospital")
+        network.add_institution("RVH", "Riverside Hospital")
+        gateway = {"Authorization": f"Bearer {network.issue_token('SEG')}"}
+        with httpx.Client(base_url=network.hub_url, headers=gateway, timeout=60) as client:
+            r = client.post("/api/v1/transfers", json={"receiver": "RVH", "origin": "dicom"})
+            assert r.status_code == 201, r.text
+            r = client.post(
+                f"/api/v1/transfers/{r.json()['id']}/instances",
+                headers={"Content-Type": MEDIA_TYPE},
+                content=framed(digests, [good, polyglot, liar]),
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == digests[:1]
+        assert [x["sha256"] for x in r.json()["refused"]] == digests[1:]
+        assert set(bucket_digests(seaweedfs, bucket)) == set(digests[:1])
+    finally:
+        network.stop()

@@ -115,16 +115,31 @@ class _WriterTurns:
     next writer sleeps. Here the process's own writers wait on a lock of its own, and the
     next goes as soon as the last has committed; SQLite's handler is left to settle turns
     with other processes (a worker, a command) only.
+
+    The engine's own dialect begins and ends the transactions, so that a failure to begin
+    is SQLAlchemy's like any other (an OperationalError: the hub answers 503).
     """
 
     def __init__(self, engine: Engine) -> None:
         self._lock = threading.Lock()
+        self._guard = threading.Lock()  # over _holder
         self._holder: Any = None  # the DBAPI connection whose transaction has the turn
-        event.listen(engine, "begin", self._begin)
-        event.listen(engine.pool, "checkin", self._release)
+        # Dropped mid-transaction (invalidated), a connection ends without a rollback.
         event.listen(engine.pool, "invalidate", self._release)
         dialect = engine.dialect
         commit, rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_begin(connection: Any) -> None:
+            if not self._lock.acquire(timeout=BUSY_SECONDS):
+                raise sqlite3.OperationalError("database is locked (waited for this process)")
+            raw = connection.dbapi_connection
+            with self._guard:
+                self._holder = raw
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._release(raw)
+                raise
 
         def do_commit(connection: Any) -> None:
             try:
@@ -138,27 +153,18 @@ class _WriterTurns:
             finally:
                 self._release(connection)
 
-        # This engine's own dialect: the turn ends once the transaction has.
-        setattr(dialect, "do_commit", do_commit)  # noqa: B010
-        setattr(dialect, "do_rollback", do_rollback)  # noqa: B010
-
-    def _begin(self, conn: Any) -> None:
-        if not self._lock.acquire(timeout=BUSY_SECONDS):
-            raise sqlite3.OperationalError("database is locked")
-        self._holder = conn.connection.dbapi_connection
-        try:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        except BaseException:
-            self._release(self._holder)
-            raise
+        for name, method in (("begin", do_begin), ("commit", do_commit), ("rollback", do_rollback)):
+            setattr(dialect, f"do_{name}", method)
 
     def _release(self, connection: Any, *_: Any) -> None:
-        # Any connection ending anything: only the holder's end (a commit, a rollback, or
-        # given back or dropped in a transaction never ended) passes the turn on.
-        holder = self._holder
-        if holder is not None and getattr(connection, "dbapi_connection", connection) is holder:
+        # Any connection ending anything (a rollback on its return to the pool, say): only
+        # the holder's end passes the turn on.
+        raw = getattr(connection, "dbapi_connection", connection)
+        with self._guard:
+            if raw is None or raw is not self._holder:
+                return
             self._holder = None
-            self._lock.release()
+        self._lock.release()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

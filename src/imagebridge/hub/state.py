@@ -58,7 +58,6 @@ class Hub:
             self.worker.stop()
             self.worker = None
         self.notifier.close()
-        self.intake.shutdown(wait=True)
 
     @classmethod
     def open(cls, settings: HubSettings) -> Hub:

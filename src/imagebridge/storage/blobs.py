@@ -161,20 +161,21 @@ class LocalBlobWriter(StagedBlob):
     def __init__(self, store: LocalBlobStore) -> None:
         super().__init__(store.tmp_dir)
         self._store = store
-        self.made: set[Path] | None = None  # prepared: the folders made for it, not yet synced
+        self.is_ready = False
 
     def prepare(self, expected_sha256: str | None = None) -> None:
         final = self._store.path_for(self.digest)
         # Not for bytes the commit will refuse, nor for a copy of a blob held already.
-        if self.digest == (expected_sha256 or self.digest) and not final.exists():
+        if expected_sha256 in (None, self.digest) and not final.exists():
             self.ready()
 
     def ready(self) -> None:
         """The bytes synced and the blob's folder made: all but its name."""
-        if self.made is None:
+        if not self.is_ready:
             self._file.close()
             fsync_path(self._tmp)
-            self.made = self._store.make_folders(self._store.path_for(self.digest).parent)
+            self._store.make_folders(self._store.path_for(self.digest).parent)
+            self.is_ready = True
 
     def commit(self, expected_sha256: str | None = None) -> tuple[str, int]:
         if refused := self.mismatch(expected_sha256):
@@ -182,14 +183,11 @@ class LocalBlobWriter(StagedBlob):
         digest = self.digest
         final = self._store.path_for(digest)
         if final.exists():
-            # Single source: the same content is already stored.
-            self.abort()
-            return digest, self._size
-        self._file.close()
-        fsync_path(self._tmp)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, final)
-        fsync_path(final.parent)
+            self.abort()  # single source: the same content is already stored
+        else:
+            self.ready()
+            os.replace(self._tmp, final)
+        fsync_path(final.parent)  # its name durable, whoever gave it
         return digest, self._size
 
 
@@ -223,6 +221,7 @@ class LocalBlobStore:
         """
         results: list[tuple[str, int] | BlobMismatch] = []
         moves: dict[Path, LocalBlobWriter] = {}  # final name -> staged
+        held: set[Path] = set()  # the folders of blobs found already stored
         for writer, expected in items:
             assert isinstance(writer, LocalBlobWriter)
             if refused := writer.mismatch(expected):
@@ -232,32 +231,27 @@ class LocalBlobStore:
             final = self.path_for(digest)
             if final in moves or final.exists():
                 writer.abort()
+                held.add(final.parent)
             else:
                 moves[final] = writer
             results.append((digest, size))
-        if moves:
-            list(self._sync_pool.map(LocalBlobWriter.ready, moves.values()))
-            # The folders whose entries change: each blob's, and the parent of any made.
-            made: set[Path] = set()
-            for writer in moves.values():
-                made |= writer.made or set()
-            for final, writer in moves.items():
-                os.replace(writer.close(), final)
-            changed = {final.parent for final in moves} | {f.parent for f in made}
-            list(self._sync_pool.map(fsync_path, changed))
-            self._folders |= made
+        list(self._sync_pool.map(LocalBlobWriter.ready, moves.values()))
+        for final, writer in moves.items():
+            os.replace(writer.close(), final)
+        # The names made, and those found: another batch may have given a blob its name a
+        # moment ago and not yet synced it, and this one must not answer before it is.
+        list(self._sync_pool.map(fsync_path, {final.parent for final in moves} | held))
         return results
 
-    def make_folders(self, folder: Path) -> set[Path]:
-        """Make ``folder`` and its missing parents; those whose entries are not yet known to
-        be synced (a commit syncs them, then counts them as made: until then, another
-        batch that needs one syncs it too, and never answers before its name is durable)."""
+    def make_folders(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents, each entry synced before it is counted
+        as made (so that no blob is answered stored in a folder whose name could be lost)."""
         if folder in self._folders or folder == self.root:
-            return set()
-        made = self.make_folders(folder.parent)
+            return
+        self.make_folders(folder.parent)
         folder.mkdir(exist_ok=True)
-        made.add(folder)
-        return made
+        fsync_path(folder.parent)
+        self._folders.add(folder)
 
     def open(self, sha256: str) -> BinaryIO:
         return open(self.path_for(sha256), "rb")
@@ -282,7 +276,7 @@ class LocalBlobStore:
         if final.exists():
             aside.unlink(missing_ok=True)
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self.make_folders(final.parent)
         try:
             os.replace(aside, final)
         except FileNotFoundError:

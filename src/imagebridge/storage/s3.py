@@ -75,7 +75,7 @@ class S3BlobWriter(StagedBlob):
         self.uploaded = False
 
     def prepare(self, expected_sha256: str | None = None) -> None:
-        if self.digest == (expected_sha256 or self.digest):
+        if expected_sha256 in (None, self.digest):
             self._store.upload(self.digest, self.close(), self.size)
             self.uploaded = True
 
@@ -118,7 +118,8 @@ class S3BlobStore:
         config = Config(
             region_name=settings.region,
             s3={"addressing_style": settings.addressing_style},
-            max_pool_connections=2 * settings.max_connections,
+            # Whole blobs from the hub's intake and from commits, and parts, side by side.
+            max_pool_connections=3 * settings.max_connections,
             retries={"max_attempts": 5, "mode": "standard"},
             # The SHA-256 checksums are sent by this store; no second checksum on top.
             request_checksum_calculation="when_required",
