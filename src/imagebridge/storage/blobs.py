@@ -139,10 +139,14 @@ class StagedBlob:
     def size(self) -> int:
         return self._size
 
+    def matches(self, expected_sha256: str | None) -> bool:
+        """Whether the bytes may be stored under ``expected_sha256`` (None: under any)."""
+        return expected_sha256 is None or expected_sha256 == self.digest
+
     def mismatch(self, expected_sha256: str | None) -> BlobMismatch | None:
         """Why the bytes cannot be stored under ``expected_sha256`` (then they are dropped)."""
         digest = self.digest
-        if expected_sha256 is None or digest == expected_sha256:
+        if self.matches(expected_sha256):
             return None
         self.abort()
         return BlobMismatch(f"content hashes to {digest}, not {expected_sha256}")
@@ -166,7 +170,7 @@ class LocalBlobWriter(StagedBlob):
     def prepare(self, expected_sha256: str | None = None) -> None:
         final = self._store.path_for(self.digest)
         # Not for bytes the commit will refuse, nor for a copy of a blob held already.
-        if expected_sha256 in (None, self.digest) and not final.exists():
+        if self.matches(expected_sha256) and not final.exists():
             self.ready()
 
     def ready(self) -> None:
@@ -235,7 +239,8 @@ class LocalBlobStore:
             else:
                 moves[final] = writer
             results.append((digest, size))
-        list(self._sync_pool.map(LocalBlobWriter.ready, moves.values()))
+        unready = [w for w in moves.values() if not w.is_ready]
+        list(self._sync_pool.map(LocalBlobWriter.ready, unready))
         for final, writer in moves.items():
             os.replace(writer.close(), final)
         # The names made, and those found: another batch may have given a blob its name a

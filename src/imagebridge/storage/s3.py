@@ -75,7 +75,7 @@ class S3BlobWriter(StagedBlob):
         self.uploaded = False
 
     def prepare(self, expected_sha256: str | None = None) -> None:
-        if expected_sha256 in (None, self.digest):
+        if self.matches(expected_sha256):
             self._store.upload(self.digest, self.close(), self.size)
             self.uploaded = True
 

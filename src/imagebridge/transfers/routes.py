@@ -100,9 +100,12 @@ def _load(
         mine = None
         if not actor.network_wide:
             mine = or_(*(_PARTY[r] == actor.institution_id for r in roles))
-        transfer = services.hold(session, transfer_id, mine)
-    else:
-        transfer = session.get(Transfer, transfer_id)
+        # Selected as the caller's only, so nothing is left to check.
+        held = services.hold(session, transfer_id, mine)
+        if held is None:
+            raise HTTPException(403, NOT_YOURS)
+        return held
+    transfer = session.get(Transfer, transfer_id)
     if transfer is None:
         raise HTTPException(403, NOT_YOURS)
     if actor.network_wide:
@@ -436,11 +439,13 @@ async def upload_instances(
         raise HTTPException(400, "the upload was cut off") from exc
     finally:
         for _, w, arrived in staged:
+            if w is None:
+                continue
             if arrived is not None:
                 # Let go of the staged bytes once nothing reads them any more.
                 arrived.cancel()
                 arrived.add_done_callback(partial(_let_go, w))
-            elif w is not None:
+            else:
                 w.abort()
         if writer is not None:
             writer.abort()
@@ -462,9 +467,8 @@ def _may_upload(hub: Hub, transfer_id: str, actor: Actor, close: bool) -> bool:
         return replay
 
 
-def _let_go(writer: BlobWriter | None, _: object) -> None:
-    if writer is not None:
-        writer.abort()
+def _let_go(writer: BlobWriter, _: object) -> None:
+    writer.abort()
 
 
 def _checked(writer: BlobWriter) -> Header:
