@@ -14,6 +14,7 @@ test's tmp dir); none names the patient in its address or title.
 from __future__ import annotations
 
 import io
+import math
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -193,6 +194,16 @@ def _decode_qr(page: Page) -> str:
     return str(found[0].text)
 
 
+def _renders(page: Page) -> int:
+    """How many rendered frames the page has asked the hub for."""
+    return int(
+        page.evaluate(
+            "performance.getEntriesByType('resource')"
+            ".filter((e) => e.name.includes('/rendered')).length"
+        )
+    )
+
+
 def _pixels(page: Page) -> dict[str, Any]:
     """Statistics of the middle of the viewer's canvas, where the image is."""
     stats: dict[str, Any] = page.evaluate(
@@ -325,9 +336,32 @@ def test_send_from_the_pacs_watch_it_arrive_and_view_it(world: World) -> None:
         cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         rita.mouse.move(cx, cy)
         rita.mouse.down()
-        rita.mouse.move(cx + 80, cy + 40, steps=4)
+        # As over a slow link (or from a busy hub): frames take longer than the moves.
+        cdp = rita.context.new_cdp_session(rita)
+        cdp.send("Network.enable")
+        slow = {"offline": False, "downloadThroughput": -1, "uploadThroughput": -1}
+        cdp.send("Network.emulateNetworkConditions", {**slow, "latency": 300})
+        rita.evaluate(
+            "window.moves = 0;"
+            " document.getElementById('image').addEventListener('pointermove',"
+            " () => { window.moves += 1; })"
+        )
+        renders = _renders(rita)
+        rita.mouse.move(cx + 80, cy + 40, steps=24)
         rita.mouse.up()
         expect(rita.locator("#image")).not_to_have_attribute("data-window", "-600,1500")
+        # The window the drag ended at (right widens, down raises the level, by width/256):
+        # the last frame drawn is the one at the end, not one passed on the way.
+        scale = max(1, 1500 / 256)
+        ended = f"{math.floor(-600 + 40 * scale + 0.5)},{math.floor(1500 + 160 * scale + 0.5)}"
+        expect(rita.locator("#image")).to_have_attribute("data-window", ended)
+        # One frame at a time while the window moves (each then asks for the window reached
+        # meanwhile), and four neighbours once it stops: a frame asked for at every move
+        # would queue behind the others, and the image lag behind the hand.
+        moves = int(rita.evaluate("window.moves"))
+        asked = _renders(rita) - renders
+        assert moves >= 8 and asked - 4 <= moves // 2, (moves, asked)
+        cdp.send("Network.emulateNetworkConditions", {**slow, "latency": 0})
         slice_before = int(rita.locator("#image").get_attribute("data-slice") or 0)
         rita.locator("#image").focus()
         rita.keyboard.press("ArrowDown")

@@ -26,6 +26,7 @@ document.addEventListener("DOMContentLoaded", () => {
     pan: [0, 0],
     mode: "window",
     bitmap: null,
+    shown: null, // the window the bitmap on screen was rendered with
     drawn: 0,
   };
   const cache = new Map();
@@ -99,7 +100,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const s = state.series[state.current];
     const slice = state.slices[state.index];
     if (!s || !slice) return;
-    const w = effectiveWindow(slice);
+    const w = state.shown;
     canvas.dataset.window = w ? `${Math.round(w[0])},${Math.round(w[1])}` : "";
     canvas.dataset.slice = String(state.index + 1);
     say(
@@ -120,12 +121,14 @@ document.addEventListener("DOMContentLoaded", () => {
     const slice = state.slices[state.index];
     if (!slice) return;
     const ticket = ++wanted;
+    const w = effectiveWindow(slice);
     try {
-      const image = await bitmap(frameUrl(slice, effectiveWindow(slice)));
+      const image = await bitmap(frameUrl(slice, w));
       if (ticket !== wanted) return; // a newer slice or window was asked for meanwhile
       state.bitmap = image;
+      state.shown = w;
       paint();
-      prefetch();
+      if (!drag) prefetch(); // a drag's passing windows are not worth neighbours
     } catch (error) {
       say(error.message);
     }
@@ -149,6 +152,26 @@ document.addEventListener("DOMContentLoaded", () => {
   function setWindow(center, width) {
     state.window = [center, Math.max(1, width)];
     show();
+  }
+
+  // A drag moves the window faster than the hub renders: one frame is asked for at a time,
+  // and when it is drawn the window reached meanwhile is asked for next. Asked for at each
+  // move, the frames queue up behind the browser's few connections and the image lags.
+  let dragging = null; // the frame being fetched for a drag
+  let dragMoved = false; // the window moved again while it was
+  function dragWindow(center, width) {
+    state.window = [center, Math.max(1, width)];
+    if (dragging) {
+      dragMoved = true;
+      return;
+    }
+    dragging = show().finally(() => {
+      dragging = null;
+      if (dragMoved) {
+        dragMoved = false;
+        dragWindow(...state.window);
+      }
+    });
   }
 
   function numbers(value) {
@@ -275,11 +298,15 @@ document.addEventListener("DOMContentLoaded", () => {
     } else {
       // Right widens the window, down raises the level: as most PACS viewers do.
       const scale = Math.max(1, drag.window[1] / 256);
-      setWindow(drag.window[0] + dy * scale, drag.window[1] + dx * scale * 2);
+      dragWindow(drag.window[0] + dy * scale, drag.window[1] + dx * scale * 2);
     }
   });
   const endDrag = () => {
+    const ended = drag;
     drag = null;
+    // Neighbours at the window the drag left, unless its last frame is still on its way
+    // (that one fetches them once drawn).
+    if (ended && ended.mode !== "pan" && !dragging) prefetch();
   };
   canvas.addEventListener("pointerup", endDrag);
   canvas.addEventListener("pointercancel", endDrag);
