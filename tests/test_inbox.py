@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from imagebridge.hub.inbox import TASKS, WORK, _key, _payload
+from imagebridge.hub.inbox import REVOKED, TASKS, WORK, _key, _payload
 
 
-@pytest.mark.parametrize("key", [(WORK, 7), (TASKS, 7), (WORK, 123456)])
+@pytest.mark.parametrize("key", [(WORK, 7), (TASKS, 7), (WORK, 123456), (REVOKED, 0)])
 def test_a_nudge_crosses_as_it_was_sent(key: tuple[str, int]) -> None:
     assert _key(_payload(key)) == key
 

@@ -58,7 +58,8 @@ def _unauthorized(reason: str) -> HTTPException:
 
 
 # A gateway calls many times a second; remembering a verified token briefly keeps the
-# database out of the hot path. A revocation takes effect within this time.
+# database out of the hot path. A revocation reaches every hub process at once through the
+# inbox channel (hub/inbox.py); were that down, it takes effect within this time.
 TOKEN_CACHE_SECONDS = 5.0
 
 

@@ -11,6 +11,11 @@ database on a timer, often while no channel joins the processes, rarely once one
 A nudge has a topic: work to deliver (WORK), or query/retrieve tasks and their answers
 (TASKS). Each study crossing nudges its receiver many times; the gateway's task pollers
 need not look at the database for each.
+
+The same channel carries revocations (REVOKED): a gateway token revoked through one hub
+process is forgotten at once by every other, which would otherwise accept it from its
+cache for a few seconds more (hub/auth.py). A process that was not listening forgets all
+it cached when it listens again, as a revocation may have gone by meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ CHANNEL = "imagebridge_inbox"
 RECHECK_SECONDS = 0.5  # nothing tells this process what other processes queued
 RECHECK_LISTENING_SECONDS = 5.0  # the channel does; this only covers a lost notification
 RECONNECT_SECONDS = 2.0
-WORK, TASKS = "work", "tasks"
+WORK, TASKS, REVOKED = "work", "tasks", "revoked"
 Key = tuple[str, int]
 
 
@@ -41,6 +46,7 @@ class InboxNotifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bus: InboxBus | None = None
         self._alone = False
+        self._forget: list[Callable[[], None]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -49,7 +55,7 @@ class InboxNotifier:
         """Join the other hub processes on the same PostgreSQL database (none on SQLite)."""
         self._alone = engine.dialect.name == "sqlite"
         if engine.dialect.name == "postgresql" and self._bus is None:
-            self._bus = InboxBus(engine, self._wake, self._wake_all)
+            self._bus = InboxBus(engine, self._heard, self._reconnected)
             self._bus.start()
 
     def close(self) -> None:
@@ -75,6 +81,31 @@ class InboxNotifier:
         self._wake((topic, institution_id))
         if self._bus is not None:
             self._bus.publish((topic, institution_id))
+
+    def on_revoked(self, forget: Callable[[], None]) -> None:
+        """Call ``forget`` (from any thread) whenever a credential may have been revoked."""
+        self._forget.append(forget)
+
+    def revoked(self) -> None:
+        """A credential was revoked, after the commit: every hub process forgets what it
+        cached of credentials."""
+        self._forget_all()
+        if self._bus is not None:
+            self._bus.publish((REVOKED, 0))
+
+    def _forget_all(self) -> None:
+        for forget in self._forget:
+            forget()
+
+    def _heard(self, key: Key) -> None:
+        if key[0] == REVOKED:
+            self._forget_all()
+        else:
+            self._wake(key)
+
+    def _reconnected(self) -> None:
+        self._forget_all()
+        self._wake_all()
 
     def _wake(self, key: Key) -> None:
         if self._loop is not None:
@@ -181,6 +212,6 @@ def _payload(key: Key) -> str:
 
 def _key(payload: str) -> Key | None:
     topic, _, number = payload.rpartition(":")
-    if not number.isdigit() or topic not in ("", TASKS):
+    if not number.isdigit() or topic not in ("", TASKS, REVOKED):
         return None
     return (topic or WORK, int(number))

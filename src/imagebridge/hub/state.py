@@ -4,7 +4,8 @@ the settings ask, a worker of the job queue.
 Nothing here is needed by another hub process: what they share lives in the database and
 the blob store. The notifier's wake-ups reach the other processes through the database
 (hub/inbox.py); the gateway token cache (hub/auth.py) only spares lookups, for a few
-seconds, and each process revokes within that time.
+seconds, and a revocation reaches every process through the same channel (or, were the
+channel down, when the few seconds are up).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Hub:
     intake: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="intake")
     )
+
+    def __post_init__(self) -> None:
+        self.notifier.on_revoked(self.token_cache.clear)
 
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
         """With the web application: wake-ups across processes, and the in-process worker."""

@@ -104,7 +104,7 @@ def revoke(gateway_id: RowId, actor: InstitutionAdmin, hub: HubDep) -> dict[str,
             detail={"gateway_id": gateway.id},
             **actor.audit(),
         )
-    hub.token_cache.clear()
+    hub.notifier.revoked()
     return {"id": gateway_id, "revoked": True}
 
 
