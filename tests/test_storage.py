@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from imagebridge.demo.synthetic import generate_ct_study
 from imagebridge.hub.state import open_blob_store
 from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import (
+    STALE_STAGED_SECONDS,
     BlobMismatch,
     BlobStore,
     BlobWriter,
@@ -261,6 +263,27 @@ def test_a_committed_batch_is_there_for_another_process(backend: Backend, tmp_pa
         assert other.exists(sha(data))
         with other.open(sha(data)) as fh:
             assert fh.read() == data
+
+
+def test_staged_files_left_by_a_stopped_process_go_when_a_store_opens(backend: Backend) -> None:
+    """A process killed mid-upload leaves its staged file; the next store to open on the
+    folder removes it, once a day old, and leaves alone the uploads still under way (another
+    process may share the folder)."""
+    store = backend.store
+    folder = store.staging_dir if isinstance(store, S3BlobStore) else store.tmp_dir
+    left = folder / "blob-0123456789abcdef"
+    left.write_bytes(b"half a blob")
+    day_ago = time.time() - STALE_STAGED_SECONDS - 60
+    os.utime(left, (day_ago, day_ago))
+    data = os.urandom(70_000)
+    under_way = staged(store, data)  # another process's upload, still arriving
+    if isinstance(store, S3BlobStore):
+        S3BlobStore(store.client, store.bucket, folder, prefix=store.prefix)
+    else:
+        LocalBlobStore(store.root)
+    assert not left.exists()
+    assert under_way.commit(sha(data)) == (sha(data), len(data))
+    assert backend.leftovers() == []
 
 
 # -- S3 only --------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ Implementations are chosen by a setting; the local folder is the embedded defaul
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,8 +18,14 @@ from typing import BinaryIO, Protocol
 
 from imagebridge.fsutil import fsync_path
 
+log = logging.getLogger(__name__)
+
 DIGEST_LENGTH = 64
 CHUNK = 1 << 20
+# A staged file untouched this long belongs to no request: a process that stopped in the
+# middle of an upload left it (another process may share the folder, so not all of them).
+STALE_STAGED_SECONDS = 24 * 3600.0
+STAGED_PREFIX = "blob-"
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -106,13 +114,33 @@ class BlobStore(Protocol):
         ...
 
 
+def clear_stale(folder: Path, now: float | None = None) -> int:
+    """Remove the staged files in ``folder`` left by a process that stopped mid-upload;
+    how many were removed."""
+    cutoff = (time.time() if now is None else now) - STALE_STAGED_SECONDS
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith(STAGED_PREFIX):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # its request finished meanwhile
+    if removed:
+        log.warning("blob store: removed %d staged files left by a stopped process", removed)
+    return removed
+
+
 class StagedBlob:
     """Bytes being received, in a local file, hashed as they arrive."""
 
     def __init__(self, tmp_dir: Path) -> None:
         # A random name, created exclusively: mkstemp's way, at a fraction of its cost (one
         # is made for every instance received).
-        self._tmp = tmp_dir / f"blob-{secrets.token_hex(8)}"
+        self._tmp = tmp_dir / f"{STAGED_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
@@ -200,6 +228,7 @@ class LocalBlobStore:
         self.root = root
         self.tmp_dir = root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale(self.tmp_dir)
         self._sync_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
         self._folders: set[Path] = set()  # made, and their entries synced
 

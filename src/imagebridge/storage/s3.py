@@ -36,6 +36,7 @@ from imagebridge.storage.blobs import (
     BlobWriter,
     StagedBlob,
     blob_name,
+    clear_stale,
 )
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class S3BlobStore:
         self.prefix = prefix.strip("/")
         self.staging_dir = staging_dir
         self.staging_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale(self.staging_dir)
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         # Blobs and parts in separate pools: a blob's upload waits on its parts.
