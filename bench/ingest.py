@@ -125,6 +125,8 @@ def postgres_hubs(root: Path, count: int) -> Iterator[Hubs]:
             net = Network(root / f"pg-hub-{n}")
             net.database_url = url
             net.env = {"IMAGEBRIDGE_HUB_BLOB_STORE__SECRET_ACCESS_KEY": weed.secret_key}
+            if nets:  # one network: one key for the secrets its hubs keep
+                net.env["IMAGEBRIDGE_HUB_SECRET_KEY"] = nets[0].secret_key()
             net.start_hub(**settings)
             nets.append(net)
         assert server.process is not None and weed.process is not None

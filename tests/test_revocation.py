@@ -24,6 +24,8 @@ def two_hubs(tmp_path: Path, postgres_url: str) -> Iterator[tuple[Network, Netwo
     try:
         for hub in hubs:
             hub.database_url = postgres_url
+            if hub is hubs[1]:  # one network: one key for the secrets both keep
+                hub.env = {"IMAGEBRIDGE_HUB_SECRET_KEY": hubs[0].secret_key()}
             hub.start_hub(blob_dir=str(tmp_path / "blobs"))
         hubs[1].admin_token = hubs[0].admin_token
         yield hubs[0], hubs[1]

@@ -99,6 +99,8 @@ class ScaledNetwork:
             hub.database_url = database_url
             # The scrape token from the environment, as a deployment would give it.
             hub.env = {"IMAGEBRIDGE_HUB_METRICS__SCRAPE_TOKEN": SCRAPE_TOKEN}
+            if hub is not self.hubs[0]:  # one network: one key for the secrets kept
+                hub.env["IMAGEBRIDGE_HUB_SECRET_KEY"] = self.hubs[0].secret_key()
             hub.start_hub(**settings)
         one, two = self.hubs
         one.add_institution("SEG", "St Elsewhere General Hospital")

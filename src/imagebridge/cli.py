@@ -64,6 +64,7 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
     """Run the hub: HTTP API, directory, index, blob store, transfers and audit."""
     from imagebridge.hub.server import make_server
     from imagebridge.pki.tls import TLSConfigError
+    from imagebridge.sealing import SealingError
     from imagebridge.storage.blobs import BlobStoreError
 
     _logging(verbose)
@@ -75,7 +76,7 @@ def hub(config: Path | None, host: str | None, port: int | None, verbose: bool) 
     settings = HubSettings.load(config, **overrides)
     try:
         server = make_server(settings)
-    except (TLSConfigError, BlobStoreError) as exc:
+    except (TLSConfigError, BlobStoreError, SealingError) as exc:
         raise click.ClickException(str(exc)) from None
     scheme = "https" if settings.tls_cert else "http"
     click.echo(f"hub on {scheme}://{settings.host}:{settings.port} (API docs at /docs)", err=True)
@@ -94,12 +95,13 @@ def worker(config: Path | None, once: bool, verbose: bool) -> None:
     and other workers on the same database and blob store."""
     from imagebridge.hub.state import Hub
     from imagebridge.jobs.worker import Worker
+    from imagebridge.sealing import SealingError
     from imagebridge.storage.blobs import BlobStoreError
 
     _logging(verbose)
     try:
         hub = Hub.open(HubSettings.load(config))
-    except BlobStoreError as exc:
+    except (BlobStoreError, SealingError) as exc:
         raise click.ClickException(str(exc)) from None
     jobs = Worker(hub)
     if once:

@@ -10,6 +10,7 @@ from imagebridge.jobs.models import Job, JobSchedule
 from imagebridge.patients.models import IdentityFlag, PatientIdentifier, Person
 from imagebridge.queries.models import GatewayTask
 from imagebridge.retention.models import BlobRemoval, LegalHold, RetentionMark
+from imagebridge.sealing import SealingKey
 from imagebridge.shares.models import Share, ShareStudy
 from imagebridge.storage.models import Blob
 from imagebridge.transfers.models import Report, Transfer, TransferInstance, TransferStudy
@@ -38,6 +39,7 @@ __all__ = [
     "Report",
     "RetentionMark",
     "Role",
+    "SealingKey",
     "Series",
     "Share",
     "ShareStudy",

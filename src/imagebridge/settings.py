@@ -21,6 +21,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from imagebridge.sealing import parse_key
+
 
 def _ae_title(value: str) -> str:
     value = value.strip()
@@ -295,6 +297,12 @@ class HubSettings(_TomlSettings):
     admin_token: str = Field(
         "", description="Network administrator API token; default: generated into data_dir"
     )
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description="Seals the secrets the database keeps (second factors): 32 bytes in "
+        "base64, the same for every hub process and worker, better from the environment; "
+        "default: generated into data_dir/secret-key",
+    )
     inbox_wait_seconds: float = Field(20.0, description="Longest a gateway's inbox poll waits")
     urgent_late_seconds: float = Field(
         900.0,
@@ -318,6 +326,13 @@ class HubSettings(_TomlSettings):
     jobs: JobSettings = Field(default_factory=lambda: JobSettings())
     retention: RetentionPolicy = Field(default_factory=lambda: RetentionPolicy())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
+
+    @field_validator("secret_key")
+    @classmethod
+    def _sealing_key(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            parse_key(value.get_secret_value())
+        return value
 
     @property
     def runs_worker(self) -> bool:

@@ -36,7 +36,8 @@ class User(Base):
     # sees only what was shared with them, always with a second factor.
     kind: Mapped[str] = mapped_column(String(16), default="staff")
     password_hash: Mapped[str] = mapped_column(String(200))
-    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    # Sealed (imagebridge.sealing): the database alone gives no second factor away.
+    totp_secret: Mapped[str | None] = mapped_column(String(255))
     totp_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
     # The last RFC 6238 time step accepted: that code and older ones are replays.
     totp_last_step: Mapped[int | None] = mapped_column(Integer)

@@ -198,7 +198,7 @@ def second_factor(
                     "this account is locked after repeated failed logins", 403, "user:login:locked"
                 )
             try:
-                used = accounts.check_second_factor(user, body.code, now)
+                used = accounts.check_second_factor(user, body.code, now, hub.sealer)
             except accounts.AccountError:
                 accounts.note_failure(user, now, hub.settings.accounts)
                 raise
@@ -228,7 +228,7 @@ def enrol(actor: LoggedIn, request: Request, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         web_session, _ = _current(session, request, hub)
         try:
-            secret = accounts.start_enrolment(web_session.user)
+            secret = accounts.start_enrolment(web_session.user, hub.sealer)
         except accounts.AccountError as exc:
             raise HTTPException(exc.status, exc.reason) from exc
         uri = totp.provisioning_uri(secret, web_session.user.username)
@@ -245,7 +245,7 @@ def confirm(
     with hub.sessions() as session, session.begin():
         web_session, _ = _current(session, request, hub)
         try:
-            codes = accounts.confirm_enrolment(web_session.user, body.code, hub.clock())
+            codes = accounts.confirm_enrolment(web_session.user, body.code, hub.clock(), hub.sealer)
         except accounts.AccountError as exc:
             raise HTTPException(exc.status, exc.reason) from exc
         web_session.mfa_passed = True

@@ -23,6 +23,7 @@ from imagebridge.accounts.permissions import (
     parse_permissions,
 )
 from imagebridge.institutions.models import Institution, TrustedNetwork
+from imagebridge.sealing import PREFIX, Sealer, SealingError
 from imagebridge.settings import AccountPolicy
 
 SESSION_TOKEN_PREFIX = "ibs_"
@@ -328,18 +329,50 @@ def csrf_token(session_token: str) -> str:
 # --- the second factor ------------------------------------------------------------------
 
 
-def start_enrolment(user: User) -> str:
-    """A new secret, not yet active: the first correct code confirms it."""
+def _totp_context(user: User) -> str:
+    """What a user's sealed secret is bound to: it opens on that user's row only."""
+    return f"user:{user.id}:totp"
+
+
+def _totp_secret(user: User, sealer: Sealer) -> str:
+    assert user.totp_secret is not None
+    try:
+        return sealer.open(user.totp_secret, _totp_context(user))
+    except SealingError as exc:
+        # Altered in the database, or copied from another row: no code can match it.
+        raise AccountError(
+            "the second factor cannot be checked; an administrator can reset it",
+            403,
+            "user:totp:failure",
+        ) from exc
+
+
+def seal_second_factors(session: Session, sealer: Sealer) -> int:
+    """Seal the second-factor secrets stored before they were sealed; how many."""
+    plain = session.scalars(
+        select(User).where(User.totp_secret.is_not(None), ~User.totp_secret.startswith(PREFIX))
+    ).all()
+    for user in plain:
+        assert user.totp_secret is not None
+        user.totp_secret = sealer.seal(user.totp_secret, _totp_context(user))
+    return len(plain)
+
+
+def start_enrolment(user: User, sealer: Sealer) -> str:
+    """A new secret, not yet active: the first correct code confirms it. The secret is
+    returned to be shown once, and kept sealed."""
     if user.totp_enabled:
         raise AccountError("two-factor login is already set up; an administrator can reset it", 409)
-    user.totp_secret = totp.new_secret()
-    return user.totp_secret
+    secret = totp.new_secret()
+    user.totp_secret = sealer.seal(secret, _totp_context(user))
+    return secret
 
 
-def confirm_enrolment(user: User, code: str, now: datetime) -> list[str]:
+def confirm_enrolment(user: User, code: str, now: datetime, sealer: Sealer) -> list[str]:
     if user.totp_secret is None or user.totp_enabled:
         raise AccountError("no enrolment in progress", 409)
-    step = totp.verify_code(user.totp_secret, code, at=now.timestamp(), last_step=None)
+    secret = _totp_secret(user, sealer)
+    step = totp.verify_code(secret, code, at=now.timestamp(), last_step=None)
     if step is None:
         raise AccountError("that code is not right; check the device's clock", 401)
     codes = totp.new_recovery_codes()
@@ -349,18 +382,19 @@ def confirm_enrolment(user: User, code: str, now: datetime) -> list[str]:
     return codes
 
 
-def check_second_factor(user: User, code: str, now: datetime) -> str:
+def check_second_factor(user: User, code: str, now: datetime, sealer: Sealer) -> str:
     """Accept a current TOTP code (once) or an unused recovery code; returns which was used."""
     if not user.totp_enabled or user.totp_secret is None:
         raise AccountError("two-factor login is not set up", 409)
     code = code.strip()
     if code.isdigit():
         at = now.timestamp()
-        step = totp.verify_code(user.totp_secret, code, at=at, last_step=user.totp_last_step)
+        secret = _totp_secret(user, sealer)
+        step = totp.verify_code(secret, code, at=at, last_step=user.totp_last_step)
         if step is not None:
             user.totp_last_step = step
             return "totp"
-        if totp.verify_code(user.totp_secret, code, at=at, last_step=None) is not None:
+        if totp.verify_code(secret, code, at=at, last_step=None) is not None:
             raise AccountError("that code was already used", 401, "user:totp:replayed")
         raise AccountError("wrong code", 401, "user:totp:failure")
     matched = totp.match_recovery_code(code, list(user.recovery_codes))

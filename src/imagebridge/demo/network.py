@@ -131,6 +131,11 @@ class Network:
         wait_for_port(self.hub_port, self.hub_process)
         self.admin_token = (self.root / "hub" / "admin-token").read_text().strip()
 
+    def secret_key(self) -> str:
+        """The key this hub seals secrets with: another hub process on the same database
+        needs it too (IMAGEBRIDGE_HUB_SECRET_KEY)."""
+        return (self.root / "hub" / "secret-key").read_text().strip()
+
     def _spawn(
         self, args: list[str], log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:

@@ -11,7 +11,6 @@ channel down, when the few seconds are up).
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +21,13 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from imagebridge.accounts.services import ensure_builtin_roles
+from imagebridge.accounts.services import ensure_builtin_roles, seal_second_factors
 from imagebridge.db import make_engine, make_sessionmaker, utcnow
+from imagebridge.fsutil import private_text
 from imagebridge.hub.inbox import InboxNotifier
 from imagebridge.jobs.worker import Worker, start_in_process
 from imagebridge.migrate import upgrade
+from imagebridge.sealing import Sealer, claim_key, key_from_file, parse_key
 from imagebridge.settings import HubSettings
 from imagebridge.storage.blobs import BlobStore, LocalBlobStore
 
@@ -38,6 +39,7 @@ class Hub:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     admin_token: str
+    sealer: Sealer  # seals and opens the secrets kept in the database
     notifier: InboxNotifier = field(default_factory=InboxNotifier)
     token_cache: dict[str, tuple[str, int, float]] = field(default_factory=dict)
     # The hub's clock, replaceable so that tests of expiry and lockout need not sleep.
@@ -69,14 +71,19 @@ class Hub:
         engine = make_engine(settings.resolved_database_url)
         upgrade(engine)
         sessions = make_sessionmaker(engine)
+        secret_key = settings.secret_key.get_secret_value()
+        sealer = Sealer(parse_key(secret_key) if secret_key else key_from_file(settings.data_dir))
         with sessions() as session, session.begin():
             ensure_builtin_roles(session)
+            claim_key(session, sealer)
+            seal_second_factors(session, sealer)
         return cls(
             settings=settings,
             engine=engine,
             sessions=sessions,
             blobs=open_blob_store(settings),
             admin_token=settings.admin_token or _admin_token(settings.data_dir),
+            sealer=sealer,
         )
 
 
@@ -94,9 +101,4 @@ def open_blob_store(settings: HubSettings) -> BlobStore:
 
 def _admin_token(data_dir: Path) -> str:
     """The network administrator's token: generated on first start, readable by root only."""
-    path = data_dir / "admin-token"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("iba_" + secrets.token_urlsafe(32) + "\n")
-    return path.read_text().strip()
+    return private_text(data_dir / "admin-token", lambda: "iba_" + secrets.token_urlsafe(32))
