@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from orthanc import ORTHANC, Modality, Orthanc
 pytestmark = pytest.mark.peers
 
 PASSWORD = "correct horse battery staple 42"
+NEW_PASSWORD = "a longer passphrase of her own 7"
 NHS_NUMBER = "9434765919"
 PATIENT_ID = "SEG778899"
 PATIENT_NAME = "DEMO^ALICE"
@@ -53,6 +55,7 @@ PEOPLE = {
     "carl": ("RVH", "clerk"),  # may track, may not view studies
     "nora": ("SEG", "network_admin"),
     "audrey": ("SEG", "auditor"),
+    "mona": ("SEG", "clerk"),  # looks after her own account
 }
 
 
@@ -64,10 +67,12 @@ class World:
     shots: Shots
     root: Path
     secrets: dict[str, str] = field(default_factory=dict)
+    recovery_codes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _enrol(net: Network, username: str) -> str:
-    """Set up a person's authenticator through the API (as on an earlier day); the secret."""
+def _enrol(net: Network, username: str) -> tuple[str, list[str]]:
+    """Set up a person's authenticator through the API (as on an earlier day); the secret
+    and the recovery codes."""
     with httpx.Client(base_url=net.hub_url, timeout=30) as client:
         r = client.post("/api/v1/auth/login", json={"username": username, "password": PASSWORD})
         assert r.status_code == 200 and r.json()["second_factor"] == "enrol", r.text
@@ -83,8 +88,7 @@ def _enrol(net: Network, username: str) -> str:
             json={"code": code_at(secret, time.time())},
         )
         assert r.status_code == 200, r.text
-        r.raise_for_status()
-    return secret
+    return secret, r.json()["recovery_codes"]
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +158,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             **FAST,
         )
         world = World(net, study, rvh_pacs, Shots(screenshot_folder(root)), root)
-        for username in ("rita", "carl", "nora", "audrey"):
-            world.secrets[username] = _enrol(net, username)
+        for username in ("rita", "carl", "nora", "audrey", "mona"):
+            world.secrets[username], world.recovery_codes[username] = _enrol(net, username)
         print(f"screenshots in {world.shots.folder}")
         yield world
     finally:
@@ -489,3 +493,61 @@ def test_administration_and_audit_pages(world: World) -> None:
         page.get_by_role("button", name="Verify the chain").click()
         expect(page.locator("#audit-search output")).to_contain_text("intact: true")
     assert any(e["actor"] == "audrey" for e in audit_events(world.net, "audit:trail:exported"))
+
+
+def test_my_account_sessions_tokens_and_password(world: World) -> None:
+    """A person's own account, from her name at the top of each page: where she is logged
+    in, an API token made (shown once), used and revoked, and a new password, which ends her
+    other sessions."""
+    with browsers(world.root) as people:
+        elsewhere = people.open("mona-elsewhere")  # a second session, in another browser
+        # A recovery code here, the authenticator's code below: each works once.
+        _password(elsewhere, world, "mona")
+        elsewhere.get_by_label("Code", exact=True).fill(world.recovery_codes["mona"][0])
+        elsewhere.get_by_role("button", name="Continue").click()
+        expect(elsewhere).to_have_url(world.net.hub_url + "/portal/")
+        page = people.open("mona")
+        log_in(page, world, "mona")
+        page.get_by_role("link", name="mona").click()
+        expect(page).to_have_title("My account · ImageBridge")
+        # This one, the other browser's, and the enrolment's of an earlier day if still live.
+        expect(page.locator("#sessions tbody tr", has_text="this session")).to_have_count(1)
+        live = page.locator("#sessions tbody tr").count()
+        assert live >= 2
+
+        form = page.locator("form", has_text="Make a token")
+        form.get_by_label("Name").fill("nightly export")
+        form.get_by_label("track_transfers").check()
+        form.get_by_role("button", name="Make a token").click()
+        expect(form.locator("output")).to_contain_text("token: ibu_")
+        token = re.search(r"ibu_\S+", form.locator("output").inner_text())
+        assert token is not None
+        bearer = {"Authorization": f"Bearer {token.group(0)}"}
+        with httpx.Client(base_url=world.net.hub_url, headers=bearer, timeout=30) as script:
+            assert script.get("/api/v1/transfers").status_code == 200  # what it may
+            assert script.post("/api/v1/transfers", json={"receiver": "RVH"}).status_code == 403
+            page.reload()
+            row = page.locator("#tokens tbody tr", has_text="nightly export")
+            expect(row).to_contain_text("active")
+            page.once("dialog", lambda dialog: dialog.accept())
+            row.get_by_role("button", name="Revoke").click()
+            expect(page.locator("#tokens tbody tr", has_text="nightly export")).to_contain_text(
+                "revoked"
+            )
+            assert script.get("/api/v1/transfers").status_code == 401
+
+        change = page.locator("form", has_text="Change password")
+        change.get_by_label("Current password").fill("not my password at all")
+        change.get_by_label("New password").fill(NEW_PASSWORD)
+        change.get_by_role("button", name="Change password").click()
+        expect(change.locator("output")).to_have_class(re.compile("error"))
+        change.get_by_label("Current password").fill(PASSWORD)
+        change.get_by_role("button", name="Change password").click()
+        expect(change.locator("output")).to_contain_text(f"other_sessions_ended: {live - 1}")
+        elsewhere.reload()
+        expect(elsewhere).to_have_url(re.compile(r"/portal/login"))
+        page.reload()
+        expect(page.locator("#sessions tbody tr")).to_have_count(1)
+        world.shots.take(page, "my-account", full_page=True)
+    actions = {e["action"] for e in audit_events(world.net, "user:") if e["actor"] == "mona"}
+    assert {"user:token:created", "user:token:revoked", "user:password:changed"} <= actions

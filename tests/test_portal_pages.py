@@ -238,3 +238,16 @@ def test_the_viewer_of_a_study_out_of_sight_is_not_found(
     assert people["stranger"].get(link).status_code == 404
     assert people["reader"].get(link).status_code == 200
     assert people["reader"].get("/portal/studies/999999").status_code == 404
+
+
+def test_my_account_is_for_people_only(net: InProcessHub, people: dict[str, Person]) -> None:
+    """Every person has the page, linked from their name; the bootstrap credential and
+    gateways have no account to show."""
+    reader = people["reader"]
+    page = reader.get("/portal/account")
+    assert page.status_code == 200 and _title(page.text) == "My account · ImageBridge"
+    assert 'href="/portal/account"' in reader.get("/portal/").text
+    assert "this session" in page.text and 'data-api="/api/v1/auth/password"' in page.text
+    for bearer in (net.hub.admin_token, net.gateway_token("RVH")):
+        r = net.client().get("/portal/account", headers={"Authorization": f"Bearer {bearer}"})
+        assert r.status_code == 403, r.text

@@ -306,23 +306,12 @@ def change_password(
 @router.get("/auth/sessions")
 def my_sessions(actor: Person, request: Request, hub: HubDep) -> list[dict[str, Any]]:
     """One's own live sessions: where and when they began, and which one is this."""
-    current = accounts.digest(request.cookies.get(SESSION_COOKIE, ""))
+    if actor.user_id is None:
+        return []  # a gateway: no sessions of its own
     with hub.sessions() as session:
-        rows = session.scalars(
-            select(WebSession).where(
-                WebSession.user_id == actor.user_id, WebSession.ended_at.is_(None)
-            )
+        return accounts.live_sessions(
+            session, actor.user_id, request.cookies.get(SESSION_COOKIE, "")
         )
-        return [
-            {
-                "id": s.id,
-                "source_address": s.source_address,
-                "created_at": s.created_at,
-                "last_seen_at": s.last_seen_at,
-                "current": s.token_sha256 == current,
-            }
-            for s in rows
-        ]
 
 
 @router.post("/auth/sessions/{session_id}/end")
@@ -339,17 +328,6 @@ def end_my_session(
 
 
 # --- API tokens -------------------------------------------------------------------------
-
-
-def _token_out(t: ApiToken) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "name": t.name,
-        "scopes": t.scopes,
-        "created_at": t.created_at,
-        "expires_at": t.expires_at,
-        "revoked": t.revoked_at is not None,
-    }
 
 
 @router.post("/tokens", status_code=201)
@@ -381,14 +359,15 @@ def create_token(body: TokenIn, actor: Person, request: Request, hub: HubDep) ->
             token_id=row.id,
             scopes=row.scopes,
         )
-        return {**_token_out(row), "token": token}
+        return {**accounts.described_token(row), "token": token}
 
 
 @router.get("/tokens")
 def list_tokens(actor: Person, hub: HubDep) -> list[dict[str, Any]]:
+    if actor.user_id is None:
+        return []  # a gateway: its own token is not one of these
     with hub.sessions() as session:
-        rows = session.scalars(select(ApiToken).where(ApiToken.user_id == actor.user_id))
-        return [_token_out(t) for t in rows]
+        return accounts.api_tokens_of(session, actor.user_id)
 
 
 @router.post("/tokens/{token_id}/revoke")
@@ -399,7 +378,7 @@ def revoke_token(token_id: RowId, actor: Person, request: Request, hub: HubDep) 
             raise HTTPException(404, "no such token")
         row.revoked_at = row.revoked_at or hub.clock()
         _audit(session, "user:token:revoked", "success", actor, request, token_id=row.id)
-        return _token_out(row)
+        return accounts.described_token(row)
 
 
 # --- administration of users, roles and trusted networks ---------------------------------

@@ -10,6 +10,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -321,6 +322,26 @@ def end_sessions(session: Session, user_id: int, now: datetime, *, keep: str | N
     return len(live)
 
 
+def live_sessions(session: Session, user_id: int, current_cookie: str) -> list[dict[str, Any]]:
+    """A person's own live sessions: where and when each began, and which is this one."""
+    current = digest(current_cookie)
+    rows = session.scalars(
+        select(WebSession)
+        .where(WebSession.user_id == user_id, WebSession.ended_at.is_(None))
+        .order_by(WebSession.id)
+    )
+    return [
+        {
+            "id": s.id,
+            "source_address": s.source_address,
+            "created_at": s.created_at,
+            "last_seen_at": s.last_seen_at,
+            "current": s.token_sha256 == current,
+        }
+        for s in rows
+    ]
+
+
 def csrf_token(session_token: str) -> str:
     """Bound to the session: a page reads it from /auth/session and echoes it in a header."""
     return hashlib.sha256(b"csrf:" + session_token.encode()).hexdigest()
@@ -451,6 +472,25 @@ def create_api_token(
     session.add(row)
     session.flush()
     return row, token
+
+
+def api_tokens_of(session: Session, user_id: int) -> list[dict[str, Any]]:
+    """A person's API tokens, as they are shown (never the token itself)."""
+    rows = session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.id)
+    )
+    return [described_token(t) for t in rows]
+
+
+def described_token(t: ApiToken) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "scopes": t.scopes,
+        "created_at": t.created_at,
+        "expires_at": t.expires_at,
+        "revoked": t.revoked_at is not None,
+    }
 
 
 def find_api_token(session: Session, token: str, now: datetime) -> ApiToken | None:

@@ -43,6 +43,8 @@ USERS = Section("Users", "/portal/admin/users", ADMIN, "Administration")
 GATEWAYS = Section("Gateways", "/portal/admin/gateways", ADMIN, "Administration")
 AUDIT = Section("Audit trail", "/portal/audit", (P.READ_AUDIT,), "Administration")
 SECTIONS = (SEND, OUTBOX, INBOX, PATIENT, INSTITUTIONS, USERS, GATEWAYS, AUDIT)
+# Every person's own: reached from their name at the top of each page, not the menu.
+ACCOUNT = Section("My account", "/portal/account", tuple(Permission))
 
 
 def allowed(actor: Actor, section: Section) -> bool:

@@ -18,12 +18,21 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from imagebridge.accounts import services as accounts
+from imagebridge.accounts.models import User
 from imagebridge.accounts.permissions import Permission
 from imagebridge.actors import Actor
 from imagebridge.audit import services as audit
 from imagebridge.audit.services import record
 from imagebridge.counts import RowId
-from imagebridge.hub.auth import PageRefused, get_hub, public, require, require_page
+from imagebridge.hub.auth import (
+    SESSION_COOKIE,
+    PageRefused,
+    get_hub,
+    public,
+    require,
+    require_page,
+)
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import QueryError
 from imagebridge.nhs import normalise_nhs_number
@@ -107,6 +116,32 @@ def home(request: Request, actor: Anyone, hub: HubDep) -> HTMLResponse:
     with hub.sessions() as session:
         institution = studies.institution_name(session, actor.institution_id)
     return render(request, "home.html", title="Home", actor=actor, institution=institution)
+
+
+# -- one's own account -----------------------------------------------------------------------
+
+
+@router.get("/portal/account")
+def account(request: Request, actor: Anyone, hub: HubDep) -> HTMLResponse:
+    """Password, sessions and API tokens: a person's own, changed through the API."""
+    if actor.user_id is None:
+        raise PageRefused(403, "the bootstrap credential has no account page")
+    with hub.sessions() as session:
+        user = session.get(User, actor.user_id)
+        assert user is not None
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        context: dict[str, Any] = {
+            "user": user,
+            "institution": studies.institution_name(session, actor.institution_id),
+            "live": accounts.live_sessions(session, user.id, cookie),
+            "tokens": accounts.api_tokens_of(session, user.id),
+            "scopes": sorted(actor.permissions),
+            "max_days": hub.settings.accounts.api_token_max_days,
+        }
+        section = pages.ACCOUNT
+        return render(
+            request, "account.html", title=section.label, actor=actor, section=section, **context
+        )
 
 
 # -- send -----------------------------------------------------------------------------------
