@@ -58,7 +58,16 @@ def test_the_audit_trail_refuses_change(database_url: str) -> None:
                 " VALUES ('2026-01-01', 'system', '', 'a:b:c', 'success', '', '', '', '', '{}')"
             )
         )
-    for statement in ("UPDATE audit_events SET outcome = 'failure'", "DELETE FROM audit_events"):
+        # A patient it names among several: as evidence as the event itself.
+        connection.execute(
+            text("INSERT INTO audit_event_patients (event_id, patient_ref) VALUES (1, 'P1')")
+        )
+    for statement in (
+        "UPDATE audit_events SET outcome = 'failure'",
+        "DELETE FROM audit_events",
+        "UPDATE audit_event_patients SET patient_ref = 'P2'",
+        "DELETE FROM audit_event_patients",
+    ):
         with pytest.raises(DatabaseError, match="append-only"), engine.begin() as connection:
             connection.execute(text(statement))
 
@@ -122,5 +131,40 @@ def test_the_counts_of_studies_indexed_before_they_were_kept_are_counted(
             command.downgrade(config, "0009")
         with engine.connect() as connection:
             assert connection.execute(text("SELECT count(*) FROM instances")).scalar() == 4
+    finally:
+        engine.dispose()
+
+
+def test_lookups_audited_before_patients_were_indexed_are_found_by_patient(
+    database_url: str,
+) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0011")
+        with engine.begin() as connection:
+            for n, (patient, detail) in enumerate(
+                (
+                    ("", '{"operation": "local-ids", "nhs_numbers": ["9434765919", "9434765870"]}'),
+                    ("9434765919", '{"operation": "local-id", "nhs_numbers": ["9434765919"]}'),
+                    ("", '{"operation": "pix"}'),
+                ),
+                1,
+            ):
+                connection.execute(
+                    text(
+                        "INSERT INTO audit_events (at, actor_type, actor, action, outcome,"
+                        " patient_ref, study_ref, transfer_ref, source_address, detail,"
+                        " prev_hash, hash) VALUES ('2026-01-01', 'gateway', 'g',"
+                        " 'patient:identity:lookup', 'success', :p, '', '', '', :d, :n, '')"
+                    ),
+                    {"p": patient, "d": detail, "n": str(n)},
+                )
+        upgrade(engine)
+        with engine.connect() as connection:
+            named = connection.execute(
+                text("SELECT event_id, patient_ref FROM audit_event_patients ORDER BY 2")
+            ).all()
+        # The batch's two numbers; the lookup of one patient has its patient_ref already.
+        assert [tuple(row) for row in named] == [(1, "9434765870"), (1, "9434765919")]
     finally:
         engine.dispose()

@@ -494,6 +494,39 @@ def test_many_local_ids_in_one_request_answer_as_one_each(
     assert post_local_ids(net, "RVH", [ALICE] * 1001).status_code == 422
 
 
+def test_a_search_by_patient_finds_the_lookups_naming_them_among_others(
+    net: InProcessHub, registered: None
+) -> None:
+    """Who looked a patient up: the batches that named the patient among others as well as
+    the lookups of the patient alone (an information-governance question)."""
+    ask_local_ids(net, "RVH", [BOB, CAROL])
+    ask_local_ids(net, "SEG", [CAROL, DAVE, NOBODY])
+    ask_local_id(net, "RVH", CAROL)
+    ask_local_ids(net, "RVH", [BOB, DAVE])  # not her
+    ask_local_id(net, "SEG", BOB)
+
+    def lookups_of(patient: str) -> list[dict[str, Any]]:
+        r = net.admin(
+            "GET",
+            "/api/v1/audit",
+            params={"patient": patient, "action": "patient:identity:lookup", "limit": 1000},
+        )
+        events: list[dict[str, Any]] = r.json()
+        return events
+
+    found = lookups_of(CAROL)
+    named = [e for e in found if e["patient_ref"] == ""]
+    assert len(named) >= 2 and all(CAROL in e["detail"]["nhs_numbers"] for e in named)
+    assert any(e["patient_ref"] == CAROL for e in found)
+    everyone = {e["id"] for e in audit(net, "patient:identity:lookup")}
+    naming = {
+        e["id"]
+        for e in audit(net, "patient:identity:lookup")
+        if CAROL in e["detail"].get("nhs_numbers", []) or e["patient_ref"] == CAROL
+    }
+    assert {e["id"] for e in found} == naming < everyone  # all of them, and no other
+
+
 def post_local_ids(net: InProcessHub, code: str, numbers: list[str]) -> httpx.Response:
     """As the institution's gateway asks before answering a C-FIND."""
     return net.client().post(

@@ -2,7 +2,7 @@
 
 from imagebridge.accounts.models import ApiToken, LoginThrottle, Role, User, UserRole, WebSession
 from imagebridge.agreements.models import Agreement
-from imagebridge.audit.models import AuditEvent, AuditForwarding
+from imagebridge.audit.models import AuditEvent, AuditEventPatient, AuditForwarding
 from imagebridge.db import Base
 from imagebridge.index.models import Instance, Patient, Series, Study
 from imagebridge.institutions.models import DiscoveryRule, Gateway, Institution, TrustedNetwork
@@ -19,6 +19,7 @@ __all__ = [
     "Agreement",
     "ApiToken",
     "AuditEvent",
+    "AuditEventPatient",
     "AuditForwarding",
     "Base",
     "Blob",

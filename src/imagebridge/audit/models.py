@@ -15,6 +15,9 @@ from imagebridge.db import Base, UTCDateTime, utcnow
 # Set whenever a transaction that appended events commits: wakes the forwarder at once.
 APPENDED = threading.Event()
 
+# The patients an event names among several, held on the event until it is flushed.
+NAMED = "_named_patients"
+
 # pg_advisory_xact_lock key that serialises appends to the chain ("IBAUDIT" in ASCII).
 CHAIN_LOCK_KEY = 0x4942415544495400
 
@@ -40,6 +43,17 @@ class AuditEvent(Base):
 
     def chain_values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}
+
+
+class AuditEventPatient(Base):
+    """A patient an event names among several (a query's matches, a batch of lookups), which
+    its one ``patient_ref`` cannot hold: a search by patient finds the event through this.
+    Append-only like the events; what it says is also in the event's chained detail."""
+
+    __tablename__ = "audit_event_patients"
+
+    event_id: Mapped[int] = mapped_column(ForeignKey("audit_events.id"), primary_key=True)
+    patient_ref: Mapped[str] = mapped_column(String(130), primary_key=True, index=True)
 
 
 class AuditForwarding(Base):
@@ -84,6 +98,8 @@ def _link_new_events(session: Session, _context: UOWTransaction, _instances: Any
         obj.id = last_id
         obj.prev_hash = last_hash
         obj.hash = last_hash = event_hash(obj.chain_values())
+        for patient in getattr(obj, NAMED, ()):
+            session.add(AuditEventPatient(event_id=obj.id, patient_ref=patient))
 
 
 def _fill_defaults(obj: AuditEvent) -> None:

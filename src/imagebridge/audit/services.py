@@ -7,17 +7,17 @@ is fixed when that transaction flushes them (see models.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from imagebridge.audit.chain import Anchor, ChainReport, Row, walk
-from imagebridge.audit.models import AuditEvent, AuditForwarding
+from imagebridge.audit.models import NAMED, AuditEvent, AuditEventPatient, AuditForwarding
 from imagebridge.db import make_engine, make_sessionmaker
 from imagebridge.institutions.models import Institution
 
@@ -40,7 +40,10 @@ def record(
     transfer_ref: str = "",
     source_address: str = "",
     detail: dict[str, Any] | None = None,
+    patients: Iterable[str] = (),
 ) -> AuditEvent:
+    """Add an event to the session's transaction. ``patients``: those it names among several
+    (listed in its detail too), which a search by patient must find it by."""
     if action.count(":") != 2:
         raise ValueError("audit actions are tagged area:subject:action")
     event = AuditEvent(
@@ -55,6 +58,9 @@ def record(
         source_address=source_address[:64],
         detail=detail or {},
     )
+    named = sorted({p[:130] for p in patients if p})
+    if named:
+        setattr(event, NAMED, named)
     session.add(event)
     # The application log names the event, never the patient.
     log.info("audit %s %s actor=%s:%s", action, outcome, actor_type, actor)
@@ -86,13 +92,16 @@ def search(
     exact = {
         AuditEvent.transfer_ref: transfer,
         AuditEvent.outcome: outcome,
-        AuditEvent.patient_ref: patient,
         AuditEvent.study_ref: study,
         AuditEvent.actor: actor,
     }
     for column, value in exact.items():
         if value:
             query = query.where(column == value)
+    if patient:
+        # The events about the patient, and those naming the patient among several.
+        among = select(AuditEventPatient.event_id).where(AuditEventPatient.patient_ref == patient)
+        query = query.where(or_(AuditEvent.patient_ref == patient, AuditEvent.id.in_(among)))
     if institution:
         code = select(Institution.id).where(Institution.code == institution.upper())
         query = query.where(AuditEvent.institution_id.in_(code.scalar_subquery()))

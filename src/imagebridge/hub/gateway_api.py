@@ -290,6 +290,7 @@ def audit_lookups(
             "found": sum(1 for f in found.values() if f.patient_id is not None),
             "conflicts": {n: f.conflict for n, f in sorted(found.items()) if f.conflict},
         },
+        patients=asked if len(asked) > 1 else (),
         **actor.audit(),
     )
 
