@@ -94,8 +94,11 @@ def test_a_closing_batch_with_a_refused_instance_closes_the_transfer_short(
     with closing(HubClient(network.hub_url, network.issue_token("SEG"))) as client:
         tid = opened(client)
         answer = client.upload(tid, items, close=True, declared=DECLARED)
-    assert len(answer["accepted"]) == 3
-    assert [r["sha256"] for r in answer["refused"]] == [items[3][0]]
+        assert len(answer["accepted"]) == 3
+        assert [r["sha256"] for r in answer["refused"]] == [items[3][0]]
+        # Sent again, its answer lost: the same answer, with the first one's reason.
+        again = client.upload(tid, items, close=True, declared=DECLARED)
+        assert again == answer, (again, answer)
     with network.admin() as admin:
         t = admin.get(f"/api/v1/transfers/{tid}").json()
     # Closed with 3 of the 4 declared: never delivered as complete.

@@ -23,6 +23,8 @@ from imagebridge.institutions.models import Institution
 
 log = logging.getLogger(__name__)
 
+# A batch's refused instances, with the reasons (transfers/routes.py).
+REFUSED = "transfer:instances:refused"
 # Events read per transaction while verifying: writers wait at most for one page.
 VERIFY_PAGE = 2000
 
@@ -110,6 +112,20 @@ def search(
     if until is not None:
         query = query.where(AuditEvent.at < until)
     return query.order_by(AuditEvent.id).limit(limit)
+
+
+def refusals(session: Session, transfer_id: str) -> dict[str, str]:
+    """The reasons the transfer's instances were refused for, by digest, as its
+    ``transfer:instances:refused`` events keep them (the first 50 of each batch)."""
+    found: dict[str, str] = {}
+    for detail in session.scalars(
+        select(AuditEvent.detail)
+        .where(AuditEvent.transfer_ref == transfer_id, AuditEvent.action == REFUSED)
+        .order_by(AuditEvent.id)
+    ):
+        for refused in detail.get("refused", []):
+            found[refused["sha256"]] = refused["reason"]
+    return found
 
 
 def as_dict(event: AuditEvent) -> dict[str, Any]:

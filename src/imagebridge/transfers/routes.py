@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from imagebridge.actors import Actor
 from imagebridge.agreements.services import exchange_refusal
+from imagebridge.audit import services as audit
 from imagebridge.audit.services import record
 from imagebridge.dicom.part10 import BadDataset, Header, preamble_is_clean, read_header
 from imagebridge.hub.auth import GatewayActor, Sender, Tracker, get_hub
@@ -508,8 +509,8 @@ def _replayed(hub: Hub, transfer_id: str, digests: list[str], actor: Actor) -> d
 
 def _carried(session: Session, transfer: Transfer, digests: list[str]) -> dict[str, Any]:
     """The answer to a closing batch whose transfer is closed (sent again, its first answer
-    lost): what the transfer carries of it was accepted then; the rest was refused (the
-    first answer's reasons are not kept)."""
+    lost): what the transfer carries of it was accepted then; the rest was refused, for the
+    reasons the first answer gave (from its audit event), or for coming too late."""
     carried = set(
         session.scalars(
             select(TransferInstance.blob_sha256).where(
@@ -518,10 +519,13 @@ def _carried(session: Session, transfer: Transfer, digests: list[str]) -> dict[s
             )
         )
     )
-    reason = f"transfer is {transfer.status}, no longer receiving"
+    late = f"transfer is {transfer.status}, no longer receiving"
+    first = audit.refusals(session, transfer.id) if set(digests) - carried else {}
     return {
         "accepted": [d for d in digests if d in carried],
-        "refused": [{"sha256": d, "reason": reason} for d in digests if d not in carried],
+        "refused": [
+            {"sha256": d, "reason": first.get(d, late)} for d in digests if d not in carried
+        ],
         "status": transfer.status,
     }
 
@@ -569,7 +573,7 @@ def _ingest(
         if refused:
             record(
                 session,
-                "transfer:instances:refused",
+                audit.REFUSED,
                 "failure",
                 institution_id=transfer.sender_institution_id,
                 transfer_ref=transfer.id,
