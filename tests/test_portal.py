@@ -13,17 +13,22 @@ test's tmp dir); none names the patient in its address or title.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import re
 import time
 import urllib.parse
+import uuid
+import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 import zxingcpp
 from PIL import Image
@@ -35,6 +40,7 @@ from imagebridge.accounts.totp import code_at
 from imagebridge.demo.network import Network, free_port
 from imagebridge.demo.pacs import MiniPacs
 from imagebridge.demo.synthetic import StudyFiles, generate_ct_study
+from imagebridge.gateway.hubclient import HubClient
 from imagebridge.hub.auth import SESSION_COOKIE
 from orthanc import ORTHANC, Modality, Orthanc
 
@@ -56,6 +62,8 @@ PEOPLE = {
     "nora": ("SEG", "network_admin"),
     "audrey": ("SEG", "auditor"),
     "mona": ("SEG", "clerk"),  # looks after her own account
+    "sara": ("SEG", "radiologist"),  # shares a study with a solicitor
+    "lena": ("SEG", ""),  # the solicitor: an external user, who has no role
 }
 
 
@@ -120,8 +128,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                         "username": username,
                         "password": PASSWORD,
                         "institution": code,
-                        "roles": [role],
+                        "roles": [role] if role else [],
                         "display_name": username.title(),
+                        "kind": "staff" if role else "external",
                     },
                 )
                 r.raise_for_status()
@@ -158,7 +167,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             **FAST,
         )
         world = World(net, study, rvh_pacs, Shots(screenshot_folder(root)), root)
-        for username in ("rita", "carl", "nora", "audrey", "mona"):
+        for username in ("rita", "carl", "nora", "audrey", "mona", "sara", "lena"):
             world.secrets[username], world.recovery_codes[username] = _enrol(net, username)
         print(f"screenshots in {world.shots.folder}")
         yield world
@@ -551,3 +560,58 @@ def test_my_account_sessions_tokens_and_password(world: World) -> None:
         world.shots.take(page, "my-account", full_page=True)
     actions = {e["action"] for e in audit_events(world.net, "user:") if e["actor"] == "mona"}
     assert {"user:token:created", "user:token:revoked", "user:password:changed"} <= actions
+
+
+def test_a_study_shared_with_a_solicitor_who_downloads_it_until_revoked(world: World) -> None:
+    """A radiologist shares a study her institution sent with a solicitor, for a stated
+    purpose; the solicitor sees it (and nothing else) on her own page and downloads it as a
+    zip with a DICOMDIR; revoked, it is gone. Every step is audited."""
+    study = generate_ct_study(
+        world.root / "shared-study",
+        slices=2,
+        rows=32,
+        columns=32,
+        patient_id="SEG5150",
+        patient_name="CLAIM^CAROL",
+    )
+    token = world.net.issue_token("SEG", "records")
+    with closing(HubClient(world.net.hub_url, token)) as sender:
+        items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in study.paths]
+        made = sender.create_transfer(
+            receiver="RVH", origin="dicom", idempotency_key=uuid.uuid4().hex, reason="records"
+        )
+        sender.upload(made["id"], list(items))  # held at the hub as SEG's, never delivered
+    uid = str(pydicom.dcmread(study.paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+    with browsers(world.root) as people:
+        sara = people.open("sara")
+        log_in(sara, world, "sara", "/portal/shares")
+        form = sara.locator("section", has_text="Share studies").locator("form")
+        form.get_by_label("External user's name").fill("lena")
+        form.get_by_label("Studies (Study Instance UIDs, separated by spaces or commas)").fill(uid)
+        form.get_by_label("Purpose").fill("Claim 2026/118: personal injury")
+        form.get_by_role("button", name="Share").click()
+        row = sara.locator("#shares tbody tr", has_text="lena")
+        expect(row).to_contain_text("granted")
+        world.shots.take(sara, "shares", full_page=True)
+
+        lena = people.open("lena")
+        log_in(lena, world, "lena", "/portal/shared")
+        expect(lena.locator("main")).to_contain_text("Claim 2026/118")
+        expect(lena.locator("main")).to_contain_text("CLAIM, CAROL")
+        expect(lena.get_by_role("link", name="Send")).to_have_count(0)  # hers only
+        with lena.expect_download() as download:
+            lena.get_by_role("link", name=re.compile("Download the images")).click()
+        with zipfile.ZipFile(download.value.path()) as package:
+            names = package.namelist()
+        assert "DICOMDIR" in names and sum(n.startswith("DICOM/") for n in names) >= 2, names
+        world.shots.take(lena, "shared-with-me", full_page=True)
+
+        sara.once("dialog", lambda dialog: dialog.accept())
+        row.get_by_role("button", name="Revoke").click()
+        expect(sara.locator("#shares tbody tr", has_text="lena")).to_contain_text("revoked")
+        lena.reload()
+        expect(lena.locator("main")).to_contain_text("Nothing is shared with you")
+    done = {e["action"] for e in audit_events(world.net, "share:")}
+    assert {"share:access:granted", "share:study:listed", "share:package:exported"} <= done
+    assert "share:access:revoked" in done

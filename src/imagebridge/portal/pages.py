@@ -42,7 +42,9 @@ INSTITUTIONS = Section("Institutions", "/portal/admin/institutions", ADMIN, "Adm
 USERS = Section("Users", "/portal/admin/users", ADMIN, "Administration")
 GATEWAYS = Section("Gateways", "/portal/admin/gateways", ADMIN, "Administration")
 AUDIT = Section("Audit trail", "/portal/audit", (P.READ_AUDIT,), "Administration")
-SECTIONS = (SEND, OUTBOX, INBOX, PATIENT, INSTITUTIONS, USERS, GATEWAYS, AUDIT)
+SHARES = Section("Shares", "/portal/shares", (P.SHARE_EXTERNAL,))
+SHARED = Section("Shared with me", "/portal/shared", (P.VIEW_SHARED,))
+SECTIONS = (SEND, OUTBOX, INBOX, PATIENT, SHARES, SHARED, INSTITUTIONS, USERS, GATEWAYS, AUDIT)
 # Every person's own: reached from their name at the top of each page, not the menu.
 ACCOUNT = Section("My account", "/portal/account", tuple(Permission))
 

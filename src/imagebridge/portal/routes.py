@@ -38,6 +38,7 @@ from imagebridge.index.query import QueryError
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.portal import admin, pages, studies, transfers
 from imagebridge.portal.pages import Section, fragment, render
+from imagebridge.shares import services as share_services
 from imagebridge.storage.blobs import read_chunks
 
 router = APIRouter(tags=["portal"], include_in_schema=False)
@@ -67,6 +68,8 @@ Viewing = Annotated[Actor, _page(pages.VIEWER)]
 ViewingPart = Annotated[Actor, _part(pages.VIEWER)]
 Administering = Annotated[Actor, _page(pages.INSTITUTIONS)]
 Auditing = Annotated[Actor, _page(pages.AUDIT)]
+Sharing = Annotated[Actor, _page(pages.SHARES)]
+SeeingShared = Annotated[Actor, _page(pages.SHARED)]
 AuditingPart = Annotated[Actor, _part(pages.AUDIT)]
 
 
@@ -142,6 +145,44 @@ def account(request: Request, actor: Anyone, hub: HubDep) -> HTMLResponse:
         return render(
             request, "account.html", title=section.label, actor=actor, section=section, **context
         )
+
+
+# -- legal access: shares granted, and what is shared with an external user ---------------------
+
+
+@router.get("/portal/shares")
+def shares_page(request: Request, actor: Sharing, hub: HubDep) -> HTMLResponse:
+    """The institution's shares with external users: grant one, revoke one."""
+    with hub.sessions() as session:
+        granted = (
+            share_services.institution_shares(session, actor.institution_id)
+            if actor.institution_id is not None
+            else []
+        )
+    return render(
+        request,
+        "shares.html",
+        title=pages.SHARES.label,
+        actor=actor,
+        section=pages.SHARES,
+        shares=granted,
+        max_days=share_services.MAX_SHARE_DAYS,
+    )
+
+
+@router.get("/portal/shared")
+def shared_page(request: Request, actor: SeeingShared, hub: HubDep) -> HTMLResponse:
+    """An external user's page: what is shared with them, until when, to download."""
+    with hub.sessions() as session, session.begin():
+        shown = share_services.shared_with(session, actor, hub.clock())
+    return render(
+        request,
+        "shared.html",
+        title=pages.SHARED.label,
+        actor=actor,
+        section=pages.SHARED,
+        shares=shown,
+    )
 
 
 # -- send -----------------------------------------------------------------------------------

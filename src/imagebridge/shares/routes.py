@@ -11,17 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from imagebridge.accounts.models import User
 from imagebridge.actors import Actor
 from imagebridge.audit.services import record
 from imagebridge.counts import RowId
 from imagebridge.hub.auth import SharedViewer, Sharer, get_hub
 from imagebridge.hub.state import Hub
-from imagebridge.index.models import Instance, Series
 from imagebridge.shares import services
 from imagebridge.shares.models import Share
 from imagebridge.shares.package import PackageError
@@ -37,19 +34,6 @@ class ShareIn(BaseModel):
     study_instance_uids: list[str] = Field(min_length=1, max_length=100)
     purpose: str = Field(min_length=1, max_length=500)
     days: int = Field(30, description="How long the access lasts")
-
-
-def _out(session: Session, share: Share) -> dict[str, Any]:
-    grantee = session.get(User, share.grantee_id)
-    return {
-        "id": share.id,
-        "grantee": grantee.username if grantee else None,
-        "purpose": share.purpose,
-        "created_at": share.created_at,
-        "expires_at": share.expires_at,
-        "revoked": share.revoked_at is not None,
-        "study_instance_uids": [s.study_instance_uid for s in share.studies],
-    }
 
 
 @router.post("/shares", status_code=201)
@@ -79,18 +63,15 @@ def create_share(body: ShareIn, actor: Sharer, hub: HubDep) -> dict[str, Any]:
                 detail={"share_id": share.id, "grantee": body.grantee, "days": body.days},
                 **actor.audit(),
             )
-        return _out(session, share)
+        return services.described(session, share)
 
 
 @router.get("/shares")
 def list_shares(actor: Sharer, hub: HubDep) -> list[dict[str, Any]]:
     with hub.sessions() as session:
-        rows = session.scalars(
-            select(Share)
-            .where(Share.institution_id == actor.institution_id)
-            .order_by(Share.created_at.desc())
-        )
-        return [_out(session, s) for s in rows]
+        if actor.institution_id is None:
+            return []  # shares are an institution's
+        return services.institution_shares(session, actor.institution_id)
 
 
 @router.post("/shares/{share_id}/revoke")
@@ -107,55 +88,14 @@ def revoke_share(share_id: RowId, actor: Sharer, hub: HubDep) -> dict[str, Any]:
             detail={"share_id": share.id},
             **actor.audit(),
         )
-        return _out(session, share)
-
-
-def _viewed(session: Session, actor: Actor, share: Share, action: str, **detail: Any) -> None:
-    for study in share.studies:
-        record(
-            session,
-            action,
-            institution_id=share.institution_id,
-            patient_ref=study.patient.patient_id,
-            study_ref=study.study_instance_uid,
-            detail={"share_id": share.id, **detail},
-            **actor.audit(),
-        )
+        return services.described(session, share)
 
 
 @router.get("/shared")
 def shared_with_me(actor: SharedViewer, hub: HubDep) -> list[dict[str, Any]]:
     """What is shared with the calling external user, and until when."""
-    assert actor.user_id is not None
     with hub.sessions() as session, session.begin():
-        shares = services.live_shares(session, actor.user_id, hub.clock())
-        out = []
-        for share in shares:
-            _viewed(session, actor, share, "share:study:listed")
-            out.append(
-                {
-                    "id": share.id,
-                    "purpose": share.purpose,
-                    "expires_at": share.expires_at,
-                    "studies": [_study_out(session, s) for s in share.studies],
-                }
-            )
-        return out
-
-
-def _study_out(session: Session, study: Any) -> dict[str, Any]:
-    count = session.scalar(
-        select(func.count(Instance.id))
-        .join(Series, Series.id == Instance.series_id)
-        .where(Series.study_id == study.id)
-    )
-    return {
-        "study_instance_uid": study.study_instance_uid,
-        "study_date": study.study_date,
-        "study_description": study.study_description,
-        "patient_name": study.patient.patient_name,
-        "instances": count,
-    }
+        return services.shared_with(session, actor, hub.clock())
 
 
 def _live(session: Session, actor: Actor, share_id: int, hub: Hub) -> Share:
@@ -170,13 +110,8 @@ def _live(session: Session, actor: Actor, share_id: int, hub: Hub) -> Share:
 def view_share(share_id: RowId, actor: SharedViewer, hub: HubDep) -> dict[str, Any]:
     with hub.sessions() as session, session.begin():
         share = _live(session, actor, share_id, hub)
-        _viewed(session, actor, share, "share:study:viewed")
-        return {
-            "id": share.id,
-            "purpose": share.purpose,
-            "expires_at": share.expires_at,
-            "studies": [_study_out(session, s) for s in share.studies],
-        }
+        services.viewed(session, actor, share, "share:study:viewed")
+        return services.shown(session, share)
 
 
 @router.get("/shared/{share_id}/package", response_class=FileResponse)
@@ -193,7 +128,7 @@ def download_package(share_id: RowId, actor: SharedViewer, hub: HubDep) -> FileR
             except PackageError as exc:
                 # A stored file that cannot be packed: say so rather than send a broken zip.
                 raise HTTPException(409, f"the package cannot be made: {exc}") from exc
-            _viewed(session, actor, share, "share:package:exported", files=files)
+            services.viewed(session, actor, share, "share:package:exported", files=files)
     except BaseException:
         path.unlink(missing_ok=True)
         raise

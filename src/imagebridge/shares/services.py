@@ -7,12 +7,15 @@ import shutil
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from imagebridge.accounts.models import User
+from imagebridge.actors import Actor
+from imagebridge.audit.services import record
 from imagebridge.dicom import reports as dicom_reports
 from imagebridge.index.models import Instance, Series, Study
 from imagebridge.shares.models import Share
@@ -108,6 +111,77 @@ def live_shares(session: Session, grantee_id: int, now: datetime) -> list[Share]
             .order_by(Share.created_at.desc())
         )
     )
+
+
+def described(session: Session, share: Share) -> dict[str, Any]:
+    """A share as its grantor's institution sees it."""
+    grantee = session.get(User, share.grantee_id)
+    return {
+        "id": share.id,
+        "grantee": grantee.username if grantee else None,
+        "purpose": share.purpose,
+        "created_at": share.created_at,
+        "expires_at": share.expires_at,
+        "revoked": share.revoked_at is not None,
+        "study_instance_uids": [s.study_instance_uid for s in share.studies],
+    }
+
+
+def institution_shares(session: Session, institution_id: int) -> list[dict[str, Any]]:
+    """The shares an institution granted, newest first."""
+    rows = session.scalars(
+        select(Share).where(Share.institution_id == institution_id).order_by(Share.id.desc())
+    )
+    return [described(session, s) for s in rows]
+
+
+def viewed(session: Session, actor: Actor, share: Share, action: str, **detail: Any) -> None:
+    """What the grantee saw of a share, audited per study and patient."""
+    for study in share.studies:
+        record(
+            session,
+            action,
+            institution_id=share.institution_id,
+            patient_ref=study.patient.patient_id,
+            study_ref=study.study_instance_uid,
+            detail={"share_id": share.id, **detail},
+            **actor.audit(),
+        )
+
+
+def shown(session: Session, share: Share) -> dict[str, Any]:
+    """A share as its grantee sees it: the purpose, until when, and the studies."""
+    return {
+        "id": share.id,
+        "purpose": share.purpose,
+        "expires_at": share.expires_at,
+        "studies": [_study_shown(session, s) for s in share.studies],
+    }
+
+
+def shared_with(session: Session, actor: Actor, now: datetime) -> list[dict[str, Any]]:
+    """What is shared with an external user now, each share's listing audited."""
+    assert actor.user_id is not None
+    out = []
+    for share in live_shares(session, actor.user_id, now):
+        viewed(session, actor, share, "share:study:listed")
+        out.append(shown(session, share))
+    return out
+
+
+def _study_shown(session: Session, study: Study) -> dict[str, Any]:
+    count = session.scalar(
+        select(func.count(Instance.id))
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.study_id == study.id)
+    )
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "study_date": study.study_date,
+        "study_description": study.study_description,
+        "patient_name": study.patient.patient_name,
+        "instances": count,
+    }
 
 
 def _study_instances(session: Session, study: Study) -> list[Instance]:
