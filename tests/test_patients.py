@@ -383,6 +383,10 @@ def test_a_birth_date_mismatch_is_flagged_for_a_human(
     assert targets(r) == {(local("SEG"), "SEG1234"), (local("RVH"), "RVH0099")}
 
     path = f"/api/v1/patients/flags/{flag['id']}/resolve"
+    # The administrators' page shows it, with the form that resolves it; not to others.
+    page = people["manager"].get("/portal/admin/flags")
+    assert page.status_code == 200 and "19800201" in page.text and path in page.text
+    assert path not in people["manager-nth"].get("/portal/admin/flags").text
     assert people["manager-nth"].post(path, json={"resolution": "x"}).status_code == 404
     assert people["manager"].post(path, json={"resolution": ""}).status_code == 422
     r = people["manager"].post(path, json={"resolution": "PAS had a typo; corrected"})
@@ -391,6 +395,8 @@ def test_a_birth_date_mismatch_is_flagged_for_a_human(
     assert people["manager"].post(path, json={"resolution": "again"}).status_code == 409
     assert all(f["id"] != flag["id"] for f in flags(people["manager"]))
     assert any(f["id"] == flag["id"] for f in flags(people["manager"], "resolved"))
+    page = people["manager"].get("/portal/admin/flags", params={"status": "resolved"})
+    assert "PAS had a typo; corrected" in page.text and path not in page.text
     # The same disagreement is not raised again when it is stated again.
     register(
         people["manager"], local("RVH"), "RVH0099", BOB, "1980-02-01", "male", ("ROE", ["BOB"])

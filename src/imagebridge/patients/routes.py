@@ -329,40 +329,6 @@ class ResolveIn(BaseModel):
     resolution: str = Field(min_length=1, max_length=500, description="What was found and done")
 
 
-def _side(session: Session, actor: Actor, row: PatientIdentifier) -> dict[str, Any]:
-    code = session.scalars(
-        select(Institution.code).where(Institution.id == row.institution_id)
-    ).one()
-    side: dict[str, Any] = {
-        "institution": code,
-        "source": row.source,
-        "nhs_number": row.person.nhs_number,
-        "birth_date": row.birth_date,
-        "sex": row.sex,
-    }
-    # Another institution's local ID is its own business: the disagreement is enough.
-    if manages(actor, row.institution_id):
-        side |= {"system": fhir.local_system(row.issuer), "value": row.value}
-    return side
-
-
-def _flag_out(session: Session, actor: Actor, flag: IdentityFlag) -> dict[str, Any]:
-    return {
-        "id": flag.id,
-        "kind": flag.kind,
-        "reason": flag.reason,
-        "status": "resolved" if flag.resolved_at else "open",
-        "created_at": flag.created_at,
-        "identifiers": [
-            _side(session, actor, flag.identifier),
-            _side(session, actor, flag.other_identifier),
-        ],
-        "resolved_at": flag.resolved_at,
-        "resolved_by": flag.resolved_by,
-        "resolution": flag.resolution,
-    }
-
-
 @router.get("/api/v1/patients/flags")
 def list_flags(
     actor: InstitutionAdmin,
@@ -372,17 +338,7 @@ def list_flags(
     """Identity flags touching the caller's institution (every flag, for the network's
     administrators)."""
     with hub.sessions() as session, session.begin():
-        institution = None if actor.network_wide else actor.institution_id
-        flags = session.scalars(services.flags_query(institution, status)).all()
-        out = [_flag_out(session, actor, f) for f in flags]
-        record(
-            session,
-            "patient:identity-flag:listed",
-            institution_id=actor.institution_id,
-            detail={"status": status, "returned": len(out)},
-            **actor.audit(),
-        )
-    return out
+        return services.listed_flags(session, actor, status)
 
 
 @router.post("/api/v1/patients/flags/{flag_id}/resolve")
@@ -408,4 +364,4 @@ def resolve_flag(
             detail={"flag": flag.id, "kind": flag.kind},
             **actor.audit(),
         )
-        return _flag_out(session, actor, flag)
+        return services.described_flag(session, actor, flag)

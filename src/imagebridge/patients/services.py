@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from imagebridge.actors import Actor, manages
 from imagebridge.audit.services import record
 from imagebridge.db import one_of, utcnow
 from imagebridge.index.models import Patient, Study
@@ -522,3 +523,54 @@ def _decide(rows: list[_Held], named: _Named) -> LocalId:
         birth_date=next((r.birth_date for r in pool if r.birth_date), ""),
         sex=next((r.sex for r in pool if r.sex), ""),
     )
+
+
+def _flag_side(session: Session, actor: Actor, row: PatientIdentifier) -> dict[str, Any]:
+    code = session.scalars(
+        select(Institution.code).where(Institution.id == row.institution_id)
+    ).one()
+    side: dict[str, Any] = {
+        "institution": code,
+        "source": row.source,
+        "nhs_number": row.person.nhs_number,
+        "birth_date": row.birth_date,
+        "sex": row.sex,
+    }
+    # Another institution's local ID is its own business: the disagreement is enough.
+    if manages(actor, row.institution_id):
+        side |= {"system": local_system(row.issuer), "value": row.value}
+    return side
+
+
+def described_flag(session: Session, actor: Actor, flag: IdentityFlag) -> dict[str, Any]:
+    """A flag as the API and the portal show it: what disagrees, between which identifiers."""
+    return {
+        "id": flag.id,
+        "kind": flag.kind,
+        "reason": flag.reason,
+        "status": "resolved" if flag.resolved_at else "open",
+        "created_at": flag.created_at,
+        "identifiers": [
+            _flag_side(session, actor, flag.identifier),
+            _flag_side(session, actor, flag.other_identifier),
+        ],
+        "resolved_at": flag.resolved_at,
+        "resolved_by": flag.resolved_by,
+        "resolution": flag.resolution,
+    }
+
+
+def listed_flags(session: Session, actor: Actor, status: str) -> list[dict[str, Any]]:
+    """The flags touching the caller's institution (every flag, for the network's
+    administrators), in this status (open, resolved, all); the listing audited."""
+    institution = None if actor.network_wide else actor.institution_id
+    flags = session.scalars(flags_query(institution, status)).all()
+    out = [described_flag(session, actor, f) for f in flags]
+    record(
+        session,
+        "patient:identity-flag:listed",
+        institution_id=actor.institution_id,
+        detail={"status": status, "returned": len(out)},
+        **actor.audit(),
+    )
+    return out

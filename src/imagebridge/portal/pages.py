@@ -41,10 +41,23 @@ ADMIN = (P.ADMIN_INSTITUTION, P.ADMIN_NETWORK)
 INSTITUTIONS = Section("Institutions", "/portal/admin/institutions", ADMIN, "Administration")
 USERS = Section("Users", "/portal/admin/users", ADMIN, "Administration")
 GATEWAYS = Section("Gateways", "/portal/admin/gateways", ADMIN, "Administration")
+FLAGS = Section("Identity flags", "/portal/admin/flags", ADMIN, "Administration")
 AUDIT = Section("Audit trail", "/portal/audit", (P.READ_AUDIT,), "Administration")
 SHARES = Section("Shares", "/portal/shares", (P.SHARE_EXTERNAL,))
 SHARED = Section("Shared with me", "/portal/shared", (P.VIEW_SHARED,))
-SECTIONS = (SEND, OUTBOX, INBOX, PATIENT, SHARES, SHARED, INSTITUTIONS, USERS, GATEWAYS, AUDIT)
+SECTIONS = (
+    SEND,
+    OUTBOX,
+    INBOX,
+    PATIENT,
+    SHARES,
+    SHARED,
+    INSTITUTIONS,
+    USERS,
+    GATEWAYS,
+    FLAGS,
+    AUDIT,
+)
 # Every person's own: reached from their name at the top of each page, not the menu.
 ACCOUNT = Section("My account", "/portal/account", tuple(Permission))
 

@@ -36,6 +36,7 @@ from imagebridge.hub.auth import (
 from imagebridge.hub.state import Hub
 from imagebridge.index.query import QueryError
 from imagebridge.nhs import normalise_nhs_number
+from imagebridge.patients import services as patient_services
 from imagebridge.portal import admin, pages, studies, transfers
 from imagebridge.portal.pages import Section, fragment, render
 from imagebridge.shares import services as share_services
@@ -398,6 +399,27 @@ def admin_users(request: Request, actor: Administering, hub: HubDep) -> HTMLResp
 @router.get("/portal/admin/gateways")
 def admin_gateways(request: Request, actor: Administering, hub: HubDep) -> HTMLResponse:
     return _admin_page(request, actor, hub, pages.GATEWAYS, "admin_gateways.html")
+
+
+@router.get("/portal/admin/flags")
+def identity_flags(
+    request: Request,
+    actor: Administering,
+    hub: HubDep,
+    status: Literal["open", "resolved", "all"] = "open",
+) -> HTMLResponse:
+    """Identifiers that disagree, for a person to look at and record what they found."""
+    with hub.sessions() as session, session.begin():
+        flags = patient_services.listed_flags(session, actor, status)
+    return render(
+        request,
+        "admin_flags.html",
+        title=pages.FLAGS.label,
+        actor=actor,
+        section=pages.FLAGS,
+        flags=flags,
+        shown=status,
+    )
 
 
 # -- audit trail ----------------------------------------------------------------------------
