@@ -585,10 +585,17 @@ def test_a_study_shared_with_a_solicitor_who_downloads_it_until_revoked(world: W
 
     with browsers(world.root) as people:
         sara = people.open("sara")
-        log_in(sara, world, "sara", "/portal/shares")
+        log_in(sara, world, "sara", "/portal/patient")
+        # From the study itself: found by the patient's ID, opened, shared from the viewer.
+        sara.get_by_label("NHS number, or your institution's patient ID").fill("SEG5150")
+        sara.get_by_role("button", name="Find").click()
+        with sara.expect_navigation():
+            sara.locator("#patient-record").get_by_role("link", name="View").click()
+        sara.get_by_role("link", name="Share with an external user…").click()
         form = sara.locator("section", has_text="Share studies").locator("form")
+        studies = form.get_by_label("Studies (Study Instance UIDs, separated by spaces or commas)")
+        expect(studies).to_have_value(uid)
         form.get_by_label("External user's name").fill("lena")
-        form.get_by_label("Studies (Study Instance UIDs, separated by spaces or commas)").fill(uid)
         form.get_by_label("Purpose").fill("Claim 2026/118: personal injury")
         form.get_by_role("button", name="Share").click()
         row = sara.locator("#shares tbody tr", has_text="lena")

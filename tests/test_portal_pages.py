@@ -251,3 +251,23 @@ def test_my_account_is_for_people_only(net: InProcessHub, people: dict[str, Pers
     for bearer in (net.hub.admin_token, net.gateway_token("RVH")):
         r = net.client().get("/portal/account", headers={"Authorization": f"Bearer {bearer}"})
         assert r.status_code == 403, r.text
+
+
+def test_the_viewer_offers_sharing_to_those_who_may_share(
+    net: InProcessHub, people: dict[str, Person]
+) -> None:
+    """A radiologist of an institution holding the study may share it from the viewer, the
+    study filled in; a radiographer (no share_external) is not offered it."""
+    reader, sender = people["reader"], people["sender"]
+    rows = reader.post("/portal/transfers/rows", json={"box": "inbox"}).text
+    study = re.findall(r'href="/portal/studies/(\d+)"', rows)[0]
+    assert f'href="/portal/shares?study={study}"' in reader.get(f"/portal/studies/{study}").text
+    shares = reader.get("/portal/shares", params={"study": study}).text
+    uid = re.search(r"<textarea[^>]*>([\d.]+)</textarea>", shares)
+    assert uid is not None and uid.group(1).startswith("1.")
+    outbox = sender.post("/portal/transfers/rows", json={"box": "outbox"}).text
+    mine = re.findall(r'href="/portal/studies/(\d+)"', outbox)
+    assert mine and all(
+        "/portal/shares" not in sender.get(f"/portal/studies/{s}").text for s in mine
+    )
+    assert sender.get("/portal/shares").status_code == 403

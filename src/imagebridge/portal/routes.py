@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from imagebridge.accounts import services as accounts
 from imagebridge.accounts.models import User
@@ -34,6 +35,7 @@ from imagebridge.hub.auth import (
     require_page,
 )
 from imagebridge.hub.state import Hub
+from imagebridge.index.models import Study
 from imagebridge.index.query import QueryError
 from imagebridge.nhs import normalise_nhs_number
 from imagebridge.patients import services as patient_services
@@ -152,14 +154,18 @@ def account(request: Request, actor: Anyone, hub: HubDep) -> HTMLResponse:
 
 
 @router.get("/portal/shares")
-def shares_page(request: Request, actor: Sharing, hub: HubDep) -> HTMLResponse:
-    """The institution's shares with external users: grant one, revoke one."""
+def shares_page(
+    request: Request, actor: Sharing, hub: HubDep, study: RowId | None = None
+) -> HTMLResponse:
+    """The institution's shares with external users: grant one (``study``: the hub's row of
+    a study to share, from the viewer), revoke one."""
+    granted: list[dict[str, Any]] = []
+    chosen = None
     with hub.sessions() as session:
-        granted = (
-            share_services.institution_shares(session, actor.institution_id)
-            if actor.institution_id is not None
-            else []
-        )
+        if actor.institution_id is not None:
+            granted = share_services.institution_shares(session, actor.institution_id)
+            if study is not None:
+                chosen = _shareable(session, actor, study)
     return render(
         request,
         "shares.html",
@@ -167,8 +173,18 @@ def shares_page(request: Request, actor: Sharing, hub: HubDep) -> HTMLResponse:
         actor=actor,
         section=pages.SHARES,
         shares=granted,
+        chosen=chosen,
         max_days=share_services.MAX_SHARE_DAYS,
     )
+
+
+def _shareable(session: Session, actor: Actor, study_id: int) -> Study | None:
+    """The study, if the caller may share it: a sharer of an institution that holds it."""
+    study = session.get(Study, study_id)
+    if study is None or actor.institution_id is None or not pages.allowed(actor, pages.SHARES):
+        return None
+    held = share_services.visible_studies(session, actor.institution_id, [study.study_instance_uid])
+    return study if held else None
 
 
 @router.get("/portal/shared")
@@ -330,6 +346,7 @@ def viewer(study_id: RowId, request: Request, actor: Viewing, hub: HubDep) -> HT
             detail={"reports": len(reports)},
             **actor.audit(),
         )
+        shareable = _shareable(session, actor, study.id) is not None
     return render(
         request,
         "viewer.html",
@@ -338,6 +355,7 @@ def viewer(study_id: RowId, request: Request, actor: Viewing, hub: HubDep) -> HT
         section=pages.VIEWER,
         study=summary,
         reports=reports,
+        share_link=f"/portal/shares?study={study_id}" if shareable else "",
     )
 
 
