@@ -9,6 +9,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
 
+from imagebridge.accounts import services as accounts
+from imagebridge.accounts.models import WebSession
 from imagebridge.db import make_engine, make_sessionmaker, transaction
 from imagebridge.index.models import Patient
 from imagebridge.institutions.services import create_institution
@@ -147,6 +149,10 @@ def test_lookups_audited_before_patients_were_indexed_are_found_by_patient(
                     ("", '{"operation": "local-ids", "nhs_numbers": ["9434765919", "9434765870"]}'),
                     ("9434765919", '{"operation": "local-id", "nhs_numbers": ["9434765919"]}'),
                     ("", '{"operation": "pix"}'),
+                    # Forwarded by a gateway, whose events say what it says: nothing to index.
+                    ("", '{"nhs_numbers": null}'),
+                    ("", '{"nhs_numbers": "9434765919"}'),
+                    ("", '{"nhs_numbers": [42, null, "9434765919"]}'),
                 ),
                 1,
             ):
@@ -162,9 +168,69 @@ def test_lookups_audited_before_patients_were_indexed_are_found_by_patient(
         upgrade(engine)
         with engine.connect() as connection:
             named = connection.execute(
-                text("SELECT event_id, patient_ref FROM audit_event_patients ORDER BY 2")
+                text("SELECT event_id, patient_ref FROM audit_event_patients ORDER BY 2, 1")
             ).all()
         # The batch's two numbers; the lookup of one patient has its patient_ref already.
-        assert [tuple(row) for row in named] == [(1, "9434765870"), (1, "9434765919")]
+        assert [tuple(row) for row in named] == [
+            (1, "9434765870"),
+            (1, "9434765919"),
+            (6, "9434765919"),
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_an_upgrade_keeps_users_their_roles_and_sessions(database_url: str) -> None:
+    """0011 alters the users table, which SQLite does by copying it: rows pointing at users
+    (their roles, sessions) must not stop it, and come through whole."""
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0010")
+        # Tables 0011 leaves alone, and users but for a column's length: written with the models.
+        with transaction(make_sessionmaker(engine)) as session:
+            accounts.ensure_builtin_roles(session)
+            user = accounts.create_user(
+                session,
+                institution=create_institution(session, "SEG", "SEG"),
+                username="clerk",
+                password="a long enough passphrase 1",
+                role_names=["clerk"],
+            )
+            user.totp_secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+            session.add(WebSession(user=user, token_sha256="a", source_address="127.0.0.1"))
+        upgrade(engine)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT username, totp_secret FROM users")).all() == [
+                ("clerk", "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+            ]
+            assert connection.execute(text("SELECT count(*) FROM user_roles")).scalar() == 1
+            assert connection.execute(text("SELECT count(*) FROM web_sessions")).scalar() == 1
+            if engine.dialect.name == "sqlite":  # on again for the hub's transactions
+                assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_going_back_past_sealed_second_factors_is_refused(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine)
+        with transaction(make_sessionmaker(engine)) as session:
+            accounts.ensure_builtin_roles(session)
+            user = accounts.create_user(
+                session,
+                institution=create_institution(session, "SEG", "SEG"),
+                username="clerk",
+                password="a long enough passphrase 1",
+                role_names=["clerk"],
+            )
+            user.totp_secret = "s1.0123456789abcdef.c2VhbGVk"
+        config = alembic_config()
+        with (
+            pytest.raises(RuntimeError, match="second factors are sealed"),
+            engine.begin() as connection,
+        ):
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0010")
     finally:
         engine.dispose()

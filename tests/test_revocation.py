@@ -13,7 +13,7 @@ import pytest
 
 from conftest import hub_query, wait_until
 from imagebridge.demo.network import Network
-from imagebridge.hub.auth import TOKEN_CACHE_SECONDS
+from imagebridge.hub.tokens import TOKEN_CACHE_SECONDS, TokenCache
 
 LISTENING = "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN imagebridge_inbox'"
 
@@ -56,3 +56,16 @@ def test_a_token_revoked_through_one_hub_is_refused_by_the_other_at_once(
     assert answer.status_code == 401, answer.text
     # Well before the cache would have let it go by itself.
     assert refused < TOKEN_CACHE_SECONDS - 1, refused
+
+
+def test_a_lookup_begun_before_a_revocation_does_not_put_the_token_back() -> None:
+    """A request that read the gateway's row just before the revocation committed, and comes
+    back after the notice emptied the cache, must not remember what it read."""
+    cache = TokenCache()
+    before = cache.generation
+    cache.forget()  # the revocation's notice arrives meanwhile
+    cache.remember("digest", "RVK/old", 7, before)
+    assert cache.get("digest") is None
+    cache.remember("digest", "RVK/new", 7, cache.generation)
+    found = cache.get("digest")
+    assert found is not None and found.name == "RVK/new"

@@ -122,3 +122,13 @@ def test_a_hub_with_another_key_refuses_to_start(net: InProcessHub, tmp_path: Pa
     key = base64.b64encode(key_from_file(net.hub.settings.data_dir)).decode()
     same = other.model_copy(update={"secret_key": SecretStr(key)})
     Hub.open(same).engine.dispose()
+
+
+def test_a_secret_stored_unsealed_meanwhile_works_and_is_sealed(net: InProcessHub) -> None:
+    """During an upgrade, a process of the earlier version may still store a secret as it
+    is: the login works, and the secret is sealed then."""
+    person = net.log_in("clerk", OUTSIDE)
+    _store(net, "clerk", person.secret)
+    assert _code_login(net, person).status_code == 200
+    stored = _stored(net, "clerk")
+    assert stored is not None and is_sealed(stored)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import String, select
+from sqlalchemy import String, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from imagebridge.db import Base, UTCDateTime, utcnow
@@ -33,6 +33,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 PREFIX = "s1."  # the format: s1.<key id>.<base64url(nonce + ciphertext + tag)>
 KEY_FILE = "secret-key"
+CLAIM_LOCK_KEY = 0x49425345414C4B59  # pg_advisory_xact_lock key ("IBSEALKY")
 
 
 class SealingError(ValueError):
@@ -92,7 +93,11 @@ def parse_key(text: str) -> bytes:
 
 def key_from_file(data_dir: Path) -> bytes:
     """The key in data_dir/secret-key, generated on first start and readable by root only."""
-    return parse_key(private_text(data_dir / KEY_FILE, new_key))
+    path = data_dir / KEY_FILE
+    try:
+        return parse_key(private_text(path, new_key))
+    except ValueError as exc:
+        raise SealingError(f"{path}: {exc}") from exc
 
 
 def new_key() -> str:
@@ -102,12 +107,18 @@ def new_key() -> str:
 
 def claim_key(session: Session, sealer: Sealer) -> None:
     """Record this key as the database's, or refuse one other than the key recorded."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Processes starting together with different keys: one records its key, and the
+        # others, after it, find it recorded (SQLite's writers take turns already).
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
     recorded = session.scalars(select(SealingKey.key_id)).all()
     if not recorded:
         session.add(SealingKey(key_id=sealer.key_id))
-    elif sealer.key_id not in recorded:
+        session.flush()
+    elif list(recorded) != [sealer.key_id]:
         raise SealingError(
             f"this process's secret_key (id {sealer.key_id}) is not the one the database's "
-            f"secrets are sealed with (id {recorded[0]}): give every hub process and worker "
-            "the same secret_key (IMAGEBRIDGE_HUB_SECRET_KEY), or the same data_dir/secret-key"
+            f"secrets are sealed with (id {', '.join(recorded)}): give every hub process and "
+            "worker the same secret_key (IMAGEBRIDGE_HUB_SECRET_KEY), or the same "
+            "data_dir/secret-key"
         )

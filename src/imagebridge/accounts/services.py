@@ -357,6 +357,11 @@ def _totp_context(user: User) -> str:
 
 def _totp_secret(user: User, sealer: Sealer) -> str:
     assert user.totp_secret is not None
+    if not user.totp_secret.startswith(PREFIX):
+        # Stored unsealed (by a process of an earlier version, during an upgrade): sealed now.
+        secret = user.totp_secret
+        user.totp_secret = sealer.seal(secret, _totp_context(user))
+        return secret
     try:
         return sealer.open(user.totp_secret, _totp_context(user))
     except SealingError as exc:

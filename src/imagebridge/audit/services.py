@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, select, union
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,9 +101,13 @@ def search(
         if value:
             query = query.where(column == value)
     if patient:
-        # The events about the patient, and those naming the patient among several.
-        among = select(AuditEventPatient.event_id).where(AuditEventPatient.patient_ref == patient)
-        query = query.where(or_(AuditEvent.patient_ref == patient, AuditEvent.id.in_(among)))
+        # The events about the patient, and those naming the patient among several: one list
+        # of ids from the two indexes (an OR of the two would scan the whole trail).
+        about = union(
+            select(AuditEvent.id).where(AuditEvent.patient_ref == patient),
+            select(AuditEventPatient.event_id).where(AuditEventPatient.patient_ref == patient),
+        )
+        query = query.where(AuditEvent.id.in_(about))
     if institution:
         code = select(Institution.id).where(Institution.code == institution.upper())
         query = query.where(AuditEvent.institution_id.in_(code.scalar_subquery()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -57,12 +56,6 @@ def _unauthorized(reason: str) -> HTTPException:
     )
 
 
-# A gateway calls many times a second; remembering a verified token briefly keeps the
-# database out of the hot path. A revocation reaches every hub process at once through the
-# inbox channel (hub/inbox.py); were that down, it takes effect within this time.
-TOKEN_CACHE_SECONDS = 5.0
-
-
 def _cached_gateway(
     request: Request, credentials: HTTPAuthorizationCredentials | None
 ) -> Actor | None:
@@ -71,9 +64,11 @@ def _cached_gateway(
     if credentials is None or not credentials.credentials.startswith("ibg_"):
         return None
     cached = hub_of(request).token_cache.get(token_digest(credentials.credentials))
-    if cached is None or cached[2] < time.monotonic():
+    if cached is None:
         return None
-    actor = Actor("gateway", cached[0], cached[1], client_address(request), GATEWAY_PERMISSIONS)
+    actor = Actor(
+        "gateway", cached.name, cached.institution_id, client_address(request), GATEWAY_PERMISSIONS
+    )
     request.state.actor = actor
     return actor
 
@@ -81,20 +76,19 @@ def _cached_gateway(
 def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
     key = token_digest(token)
     cached = hub.token_cache.get(key)
-    if cached is None or cached[2] < time.monotonic():
+    if cached is None:
+        generation = hub.token_cache.generation  # before the lookup: see hub/tokens.py
         with hub.sessions() as session, session.begin():
             gateway = authenticate_gateway(session, token)
             if gateway is None:
-                hub.token_cache.pop(key, None)
+                hub.token_cache.drop(key)
                 return None
             gateway.last_seen_at = utcnow()
-            cached = (
-                f"{gateway.institution.code}/{gateway.name}",
-                gateway.institution_id,
-                time.monotonic() + TOKEN_CACHE_SECONDS,
-            )
-            hub.token_cache[key] = cached
-    return Actor("gateway", cached[0], cached[1], client_address(request), GATEWAY_PERMISSIONS)
+            name = f"{gateway.institution.code}/{gateway.name}"
+            cached = hub.token_cache.remember(key, name, gateway.institution_id, generation)
+    return Actor(
+        "gateway", cached.name, cached.institution_id, client_address(request), GATEWAY_PERMISSIONS
+    )
 
 
 def _is_loopback(address: str) -> bool:

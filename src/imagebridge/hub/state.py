@@ -25,6 +25,7 @@ from imagebridge.accounts.services import ensure_builtin_roles, seal_second_fact
 from imagebridge.db import make_engine, make_sessionmaker, utcnow
 from imagebridge.fsutil import private_text
 from imagebridge.hub.inbox import InboxNotifier
+from imagebridge.hub.tokens import TokenCache
 from imagebridge.jobs.worker import Worker, start_in_process
 from imagebridge.migrate import upgrade
 from imagebridge.sealing import Sealer, claim_key, key_from_file, parse_key
@@ -41,7 +42,7 @@ class Hub:
     admin_token: str
     sealer: Sealer  # seals and opens the secrets kept in the database
     notifier: InboxNotifier = field(default_factory=InboxNotifier)
-    token_cache: dict[str, tuple[str, int, float]] = field(default_factory=dict)
+    token_cache: TokenCache = field(default_factory=TokenCache)
     # The hub's clock, replaceable so that tests of expiry and lockout need not sleep.
     clock: Callable[[], datetime] = utcnow
     worker: Worker | None = None
@@ -51,7 +52,7 @@ class Hub:
     )
 
     def __post_init__(self) -> None:
-        self.notifier.on_revoked(self.token_cache.clear)
+        self.notifier.on_revoked(self.token_cache.forget)
 
     def start_background(self, loop: asyncio.AbstractEventLoop) -> None:
         """With the web application: wake-ups across processes, and the in-process worker."""

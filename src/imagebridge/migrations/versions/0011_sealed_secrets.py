@@ -38,8 +38,18 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Sealed values do not fit the old column: the code of that revision could not read
-    # them either, and the database refuses rather than cut them.
+    # The code of the revision before cannot open sealed secrets, and they do not fit its
+    # column: refuse, saying what to do, rather than leave second factors nobody can check.
+    sealed = (
+        op.get_bind()
+        .execute(sa.text("SELECT count(*) FROM users WHERE totp_secret LIKE 's1.%'"))
+        .scalar()
+    )
+    if sealed:
+        raise RuntimeError(
+            f"{sealed} second factors are sealed: reset them "
+            "(POST /api/v1/users/{id}/second-factor/reset) before going back past 0011"
+        )
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.alter_column(
             "totp_secret",

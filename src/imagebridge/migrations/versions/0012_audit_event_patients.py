@@ -70,13 +70,22 @@ def _index_stored_lookups() -> None:
         if not rows:
             return
         named = [
-            {"event_id": event_id, "patient_ref": str(n)[:130]}
+            {"event_id": event_id, "patient_ref": n[:130]}
             for event_id, detail in rows
-            for n in sorted({str(n) for n in (detail or {}).get("nhs_numbers", [])})
+            for n in sorted(_numbers(detail))
         ]
         if named:
             bind.execute(sa.insert(_named), named)
         last = rows[-1][0]
+
+
+def _numbers(detail: object) -> set[str]:
+    """The NHS numbers an event's detail names: a list of strings, or nothing (a gateway
+    forwards events of its own, whose detail is what it says)."""
+    numbers = detail.get("nhs_numbers") if isinstance(detail, dict) else None
+    if not isinstance(numbers, list):
+        return set()
+    return {n for n in numbers if isinstance(n, str) and n}
 
 
 def _append_only() -> None:

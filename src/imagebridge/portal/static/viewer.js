@@ -167,10 +167,9 @@ document.addEventListener("DOMContentLoaded", () => {
     }
     dragging = show().finally(() => {
       dragging = null;
-      if (dragMoved) {
-        dragMoved = false;
-        dragWindow(...state.window);
-      }
+      const again = dragMoved && state.window; // a preset may have reset it meanwhile
+      dragMoved = false;
+      if (again) dragWindow(...state.window);
     });
   }
 
