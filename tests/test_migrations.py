@@ -8,9 +8,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session
 
 from imagebridge.accounts import services as accounts
-from imagebridge.accounts.models import WebSession
+from imagebridge.accounts.models import User, WebSession
 from imagebridge.db import make_engine, make_sessionmaker, transaction
 from imagebridge.index.models import Patient
 from imagebridge.institutions.services import create_institution
@@ -180,6 +181,18 @@ def test_lookups_audited_before_patients_were_indexed_are_found_by_patient(
         engine.dispose()
 
 
+def _clerk(session: Session) -> User:
+    """A user with a role, in an institution of their own."""
+    accounts.ensure_builtin_roles(session)
+    return accounts.create_user(
+        session,
+        institution=create_institution(session, "SEG", "SEG"),
+        username="clerk",
+        password="a long enough passphrase 1",
+        role_names=["clerk"],
+    )
+
+
 def test_an_upgrade_keeps_users_their_roles_and_sessions(database_url: str) -> None:
     """0011 alters the users table, which SQLite does by copying it: rows pointing at users
     (their roles, sessions) must not stop it, and come through whole."""
@@ -188,14 +201,7 @@ def test_an_upgrade_keeps_users_their_roles_and_sessions(database_url: str) -> N
         upgrade(engine, "0010")
         # Tables 0011 leaves alone, and users but for a column's length: written with the models.
         with transaction(make_sessionmaker(engine)) as session:
-            accounts.ensure_builtin_roles(session)
-            user = accounts.create_user(
-                session,
-                institution=create_institution(session, "SEG", "SEG"),
-                username="clerk",
-                password="a long enough passphrase 1",
-                role_names=["clerk"],
-            )
+            user = _clerk(session)
             user.totp_secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
             session.add(WebSession(user=user, token_sha256="a", source_address="127.0.0.1"))
         upgrade(engine)
@@ -216,14 +222,7 @@ def test_going_back_past_sealed_second_factors_is_refused(database_url: str) -> 
     try:
         upgrade(engine)
         with transaction(make_sessionmaker(engine)) as session:
-            accounts.ensure_builtin_roles(session)
-            user = accounts.create_user(
-                session,
-                institution=create_institution(session, "SEG", "SEG"),
-                username="clerk",
-                password="a long enough passphrase 1",
-                role_names=["clerk"],
-            )
+            user = _clerk(session)
             user.totp_secret = "s1.0123456789abcdef.c2VhbGVk"
         config = alembic_config()
         with (
