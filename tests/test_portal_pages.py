@@ -271,3 +271,7 @@ def test_the_viewer_offers_sharing_to_those_who_may_share(
         "/portal/shares" not in sender.get(f"/portal/studies/{s}").text for s in mine
     )
     assert sender.get("/portal/shares").status_code == 403
+    # The same from the patient's record, for the studies the institution holds.
+    record = reader.post("/portal/patient", json={"term": NHS_NUMBER}).text
+    assert f'href="/portal/shares?study={study}"' in record
+    assert "/portal/shares" not in sender.post("/portal/patient", json={"term": NHS_NUMBER}).text

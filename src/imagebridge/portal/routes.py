@@ -319,10 +319,16 @@ def patient_search(body: PatientIn, actor: FindingPart, hub: HubDep) -> HTMLResp
                 detail={"by": by, "studies": len(found.studies) if found else 0},
                 **actor.audit(),
             )
+        shareable: set[int] = set()
+        if found and actor.institution_id is not None and pages.allowed(actor, pages.SHARES):
+            uids = [s["uid"] for s in found.studies]
+            held = share_services.visible_studies(session, actor.institution_id, uids)
+            shareable = {s.id for s in held}
         return fragment(
             "patient_record.html",
             record=found,
             can_view=pages.allowed(actor, pages.VIEWER),
+            shareable=shareable,
         )
 
 

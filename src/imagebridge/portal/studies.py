@@ -188,6 +188,7 @@ def patient_record(session: Session, actor: Actor, term: str) -> PatientRecord |
         record.studies.append(
             {
                 "id": study.id,
+                "uid": study.study_instance_uid,
                 "date": study.study_date,
                 "description": study.study_description,
                 "accession": study.accession_number,
