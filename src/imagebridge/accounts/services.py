@@ -24,7 +24,7 @@ from imagebridge.accounts.permissions import (
     parse_permissions,
 )
 from imagebridge.institutions.models import Institution, TrustedNetwork
-from imagebridge.sealing import PREFIX, Sealer, SealingError
+from imagebridge.sealing import PREFIX, Sealer, SealingError, is_sealed
 from imagebridge.settings import AccountPolicy
 
 SESSION_TOKEN_PREFIX = "ibs_"
@@ -357,7 +357,7 @@ def _totp_context(user: User) -> str:
 
 def _totp_secret(user: User, sealer: Sealer) -> str:
     assert user.totp_secret is not None
-    if not user.totp_secret.startswith(PREFIX):
+    if not is_sealed(user.totp_secret):
         # Stored unsealed (by a process of an earlier version, during an upgrade): sealed now.
         secret = user.totp_secret
         user.totp_secret = sealer.seal(secret, _totp_context(user))

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, event, inspect, select, text
-from sqlalchemy.orm import Mapped, Session, UOWTransaction, mapped_column
+from sqlalchemy.orm import Mapped, Session, UOWTransaction, mapped_column, relationship
 
 from imagebridge.audit.chain import FIELDS, GENESIS, event_hash
 from imagebridge.db import Base, UTCDateTime, utcnow
@@ -54,6 +54,8 @@ class AuditEventPatient(Base):
 
     event_id: Mapped[int] = mapped_column(ForeignKey("audit_events.id"), primary_key=True)
     patient_ref: Mapped[str] = mapped_column(String(130), primary_key=True, index=True)
+    # Tells the flush to insert the event first (a foreign key alone does not).
+    event: Mapped[AuditEvent] = relationship()
 
 
 class AuditForwarding(Base):
@@ -99,7 +101,7 @@ def _link_new_events(session: Session, _context: UOWTransaction, _instances: Any
         obj.prev_hash = last_hash
         obj.hash = last_hash = event_hash(obj.chain_values())
         for patient in getattr(obj, NAMED, ()):
-            session.add(AuditEventPatient(event_id=obj.id, patient_ref=patient))
+            session.add(AuditEventPatient(event=obj, patient_ref=patient))
 
 
 def _fill_defaults(obj: AuditEvent) -> None:

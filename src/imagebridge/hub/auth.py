@@ -23,6 +23,7 @@ from imagebridge.accounts.permissions import BOOTSTRAP_PERMISSIONS, Permission
 from imagebridge.actors import Actor
 from imagebridge.db import utcnow
 from imagebridge.hub.state import Hub
+from imagebridge.hub.tokens import Verified
 from imagebridge.institutions.services import authenticate_gateway, token_digest
 
 SESSION_COOKIE = "ib_session"
@@ -66,11 +67,19 @@ def _cached_gateway(
     cached = hub_of(request).token_cache.get(token_digest(credentials.credentials))
     if cached is None:
         return None
-    actor = Actor(
-        "gateway", cached.name, cached.institution_id, client_address(request), GATEWAY_PERMISSIONS
-    )
+    actor = _gateway(request, cached)
     request.state.actor = actor
     return actor
+
+
+def _gateway(request: Request, verified: Verified) -> Actor:
+    return Actor(
+        "gateway",
+        verified.name,
+        verified.institution_id,
+        client_address(request),
+        GATEWAY_PERMISSIONS,
+    )
 
 
 def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
@@ -86,9 +95,7 @@ def _gateway_actor(request: Request, hub: Hub, token: str) -> Actor | None:
             gateway.last_seen_at = utcnow()
             name = f"{gateway.institution.code}/{gateway.name}"
             cached = hub.token_cache.remember(key, name, gateway.institution_id, generation)
-    return Actor(
-        "gateway", cached.name, cached.institution_id, client_address(request), GATEWAY_PERMISSIONS
-    )
+    return _gateway(request, cached)
 
 
 def _is_loopback(address: str) -> bool:

@@ -121,6 +121,13 @@ def render(
     return HTMLResponse(body, status, headers=NO_STORE)
 
 
+def section_page(
+    request: Request, template: str, actor: Actor, section: Section, **context: Any
+) -> HTMLResponse:
+    """A page of a section, titled as the section is."""
+    return render(request, template, title=section.label, actor=actor, section=section, **context)
+
+
 def fragment(template: str, **context: Any) -> HTMLResponse:
     """Part of a page, fetched by the page's script."""
     return HTMLResponse(templates.get_template(template).render(**context), headers=NO_STORE)

@@ -144,10 +144,7 @@ def account(request: Request, actor: Anyone, hub: HubDep) -> HTMLResponse:
             "scopes": sorted(actor.permissions),
             "max_days": hub.settings.accounts.api_token_max_days,
         }
-        section = pages.ACCOUNT
-        return render(
-            request, "account.html", title=section.label, actor=actor, section=section, **context
-        )
+        return pages.section_page(request, "account.html", actor, pages.ACCOUNT, **context)
 
 
 # -- legal access: shares granted, and what is shared with an external user ---------------------
@@ -158,33 +155,32 @@ def shares_page(
     request: Request, actor: Sharing, hub: HubDep, study: RowId | None = None
 ) -> HTMLResponse:
     """The institution's shares with external users: grant one (``study``: the hub's row of
-    a study to share, from the viewer), revoke one."""
+    a study to share, from the viewer or the patient's record), revoke one."""
     granted: list[dict[str, Any]] = []
     chosen = None
     with hub.sessions() as session:
         if actor.institution_id is not None:
             granted = share_services.institution_shares(session, actor.institution_id)
-            if study is not None:
-                chosen = _shareable(session, actor, study)
-    return render(
+        row = session.get(Study, study) if study is not None else None
+        if row is not None and row.id in _shareable(session, actor, [row.study_instance_uid]):
+            chosen = row
+    return pages.section_page(
         request,
         "shares.html",
-        title=pages.SHARES.label,
-        actor=actor,
-        section=pages.SHARES,
+        actor,
+        pages.SHARES,
         shares=granted,
         chosen=chosen,
         max_days=share_services.MAX_SHARE_DAYS,
     )
 
 
-def _shareable(session: Session, actor: Actor, study_id: int) -> Study | None:
-    """The study, if the caller may share it: a sharer of an institution that holds it."""
-    study = session.get(Study, study_id)
-    if study is None or actor.institution_id is None or not pages.allowed(actor, pages.SHARES):
-        return None
-    held = share_services.visible_studies(session, actor.institution_id, [study.study_instance_uid])
-    return study if held else None
+def _shareable(session: Session, actor: Actor, uids: list[str]) -> set[int]:
+    """The rows of the studies among these that the caller may share: those its institution
+    holds, if it may share at all."""
+    if actor.institution_id is None or not uids or not pages.allowed(actor, pages.SHARES):
+        return set()
+    return {s.id for s in share_services.visible_studies(session, actor.institution_id, uids)}
 
 
 @router.get("/portal/shared")
@@ -192,14 +188,7 @@ def shared_page(request: Request, actor: SeeingShared, hub: HubDep) -> HTMLRespo
     """An external user's page: what is shared with them, until when, to download."""
     with hub.sessions() as session, session.begin():
         shown = share_services.shared_with(session, actor, hub.clock())
-    return render(
-        request,
-        "shared.html",
-        title=pages.SHARED.label,
-        actor=actor,
-        section=pages.SHARED,
-        shares=shown,
-    )
+    return pages.section_page(request, "shared.html", actor, pages.SHARED, shares=shown)
 
 
 # -- send -----------------------------------------------------------------------------------
@@ -254,12 +243,11 @@ def _transfers_page(request: Request, actor: Actor, hub: Hub, box: str) -> HTMLR
     section = pages.INBOX if box == "inbox" else pages.OUTBOX
     with hub.sessions() as session:
         others = transfers.counterparts(session)
-    return render(
+    return pages.section_page(
         request,
         "transfers.html",
-        title=section.label,
-        actor=actor,
-        section=section,
+        actor,
+        section,
         box=box,
         institutions=others,
         statuses=transfers.STATUSES,
@@ -299,7 +287,7 @@ class PatientIn(BaseModel):
 
 @router.get("/portal/patient")
 def patient_page(request: Request, actor: Finding) -> HTMLResponse:
-    return render(request, "patient.html", title="Patient", actor=actor, section=pages.PATIENT)
+    return pages.section_page(request, "patient.html", actor, pages.PATIENT)
 
 
 @router.post("/portal/patient")
@@ -319,16 +307,12 @@ def patient_search(body: PatientIn, actor: FindingPart, hub: HubDep) -> HTMLResp
                 detail={"by": by, "studies": len(found.studies) if found else 0},
                 **actor.audit(),
             )
-        shareable: set[int] = set()
-        if found and actor.institution_id is not None and pages.allowed(actor, pages.SHARES):
-            uids = [s["uid"] for s in found.studies]
-            held = share_services.visible_studies(session, actor.institution_id, uids)
-            shareable = {s.id for s in held}
+        uids = [s["uid"] for s in found.studies] if found else []
         return fragment(
             "patient_record.html",
             record=found,
             can_view=pages.allowed(actor, pages.VIEWER),
-            shareable=shareable,
+            shareable=_shareable(session, actor, uids),
         )
 
 
@@ -352,13 +336,12 @@ def viewer(study_id: RowId, request: Request, actor: Viewing, hub: HubDep) -> HT
             detail={"reports": len(reports)},
             **actor.audit(),
         )
-        shareable = _shareable(session, actor, study.id) is not None
-    return render(
+        shareable = study.id in _shareable(session, actor, [study.study_instance_uid])
+    return pages.section_page(
         request,
         "viewer.html",
-        title="Viewer",
-        actor=actor,
-        section=pages.VIEWER,
+        actor,
+        pages.VIEWER,
         study=summary,
         reports=reports,
         share_link=f"/portal/shares?study={study_id}" if shareable else "",
@@ -405,9 +388,7 @@ def _admin_page(
                 roles=admin.roles(session, actor),
                 permissions=admin.PERMISSIONS,
             )
-        return render(
-            request, template, title=section.label, actor=actor, section=section, **context
-        )
+        return pages.section_page(request, template, actor, section, **context)
 
 
 @router.get("/portal/admin/institutions")
@@ -435,14 +416,8 @@ def identity_flags(
     """Identifiers that disagree, for a person to look at and record what they found."""
     with hub.sessions() as session, session.begin():
         flags = patient_services.listed_flags(session, actor, status)
-    return render(
-        request,
-        "admin_flags.html",
-        title=pages.FLAGS.label,
-        actor=actor,
-        section=pages.FLAGS,
-        flags=flags,
-        shown=status,
+    return pages.section_page(
+        request, "admin_flags.html", actor, pages.FLAGS, flags=flags, shown=status
     )
 
 
@@ -488,7 +463,7 @@ def _events(hub: Hub, body: AuditIn) -> list[dict[str, Any]]:
 
 @router.get("/portal/audit")
 def audit_page(request: Request, actor: Auditing) -> HTMLResponse:
-    return render(request, "audit.html", title="Audit trail", actor=actor, section=pages.AUDIT)
+    return pages.section_page(request, "audit.html", actor, pages.AUDIT)
 
 
 @router.post("/portal/audit/events")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from imagebridge.accounts.models import User
@@ -155,7 +155,7 @@ def shown(session: Session, share: Share) -> dict[str, Any]:
         "id": share.id,
         "purpose": share.purpose,
         "expires_at": share.expires_at,
-        "studies": [_study_shown(session, s) for s in share.studies],
+        "studies": [_study_shown(s) for s in share.studies],
     }
 
 
@@ -169,18 +169,13 @@ def shared_with(session: Session, actor: Actor, now: datetime) -> list[dict[str,
     return out
 
 
-def _study_shown(session: Session, study: Study) -> dict[str, Any]:
-    count = session.scalar(
-        select(func.count(Instance.id))
-        .join(Series, Series.id == Instance.series_id)
-        .where(Series.study_id == study.id)
-    )
+def _study_shown(study: Study) -> dict[str, Any]:
     return {
         "study_instance_uid": study.study_instance_uid,
         "study_date": study.study_date,
         "study_description": study.study_description,
         "patient_name": study.patient.patient_name,
-        "instances": count,
+        "instances": study.number_of_instances,  # kept as instances are indexed
     }
 
 

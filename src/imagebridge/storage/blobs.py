@@ -114,10 +114,10 @@ class BlobStore(Protocol):
         ...
 
 
-def clear_stale(folder: Path, now: float | None = None) -> int:
+def clear_stale(folder: Path) -> int:
     """Remove the staged files in ``folder`` left by a process that stopped mid-upload;
     how many were removed."""
-    cutoff = (time.time() if now is None else now) - STALE_STAGED_SECONDS
+    cutoff = time.time() - STALE_STAGED_SECONDS
     removed = 0
     with os.scandir(folder) as entries:
         for entry in entries:
